@@ -1,0 +1,41 @@
+# rlft — `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with torch (CPU build; override TORCH=...) and rlft[dev]
+
+demo: $(STAMP) ## run the embedded default finetuning (CPU, offline, a few minutes)
+	$(BIN)/python -m rlft run_name=demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(STAMP) ## run the test suite (offline, CPU)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check rlft tests
+	$(BIN)/ruff format --check rlft tests
+
+format: $(STAMP) ## ruff format + autofix
+	$(BIN)/ruff format rlft tests
+	$(BIN)/ruff check --fix rlft tests
+
+bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
+	$(BIN)/python -m rlft.bench
+
+clean: ## remove the virtual environment and run outputs
+	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""rlft: reward finetuning of text-to-image diffusion models (DDPO, PRDP, PXPO)."""
+
+__version__ = "0.1.0"

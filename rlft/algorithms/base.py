@@ -1,0 +1,118 @@
+"""The interface every algorithm implements; the runner never branches on the algorithm.
+
+One epoch, as the runner executes it:
+
+    SAMPLING   rollout = N prompts x B images each, trajectories under the old
+               policy (pi_old: the current weights, snapshotted by not training
+               yet), log-probs reduced by ``algorithm.reduce_log_prob``; if
+               ``needs_reference``, log pi_ref per step too
+    REWARD     scores [B] (and maps [B, H, W] if ``needs_reward_maps``)
+    PREPARE    ``algorithm.prepare(rollout, comm)``: advantages / pairs (may
+               gather across processes: all processes call it)
+    TRAINING   ``algorithm.update(rollout, ctx)``: the paper's update, written
+               out with ``ctx.log_prob``, ``ctx.backward`` and ``ctx.step``
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from rlft.sampling import Trajectory
+
+
+@dataclass
+class Rollout:
+    """One epoch's samples on this process (B = local batch, S = sampler steps)."""
+
+    trajectory: Trajectory  # latents, old log-probs, timesteps, prompt embeddings, images
+    prompts: list[str]  # [B]
+    group: Tensor  # epoch-wide id of each image's prompt; images of one prompt share it  [B] long
+    rewards: Tensor  # [B] float32
+    reward_maps: Tensor | None = None  # [B, H, W] (pixel-wise rewards)
+    ref_log_probs: Tensor | None = None  # reduce(log pi_ref) per step, like trajectory.log_probs  [B, S, ...]
+    advantages: Tensor | None = None  # set by Algorithm.prepare; shape is the algorithm's
+
+    @property
+    def batch_size(self) -> int:
+        return self.trajectory.batch_size
+
+    @property
+    def log_probs(self) -> Tensor:
+        return self.trajectory.log_probs
+
+    @property
+    def trainable_steps(self) -> Tensor:
+        """Indices of the stochastic sampler steps  [S'] long."""
+        return torch.nonzero(self.trajectory.stochastic).flatten()
+
+
+class Comm(Protocol):
+    """Collectives over processes (identity in a single process)."""
+
+    rank: int
+    world_size: int
+
+    def gather(self, tensor: Tensor) -> Tensor: ...  # concatenated in rank order
+
+    def gather_object(self, items: Sequence) -> list: ...
+
+
+class TrainContext(Protocol):
+    """What an update may touch: the policy's log-prob, backward and the optimizer step."""
+
+    generator: torch.Generator  # CPU, seeded per (seed, epoch, process): shuffles are reproducible
+    train_batch_size: int  # per process
+    gradient_accumulation_steps: int
+
+    def log_prob(self, rollout: Rollout, index: Tensor, step: Tensor) -> Tensor:
+        """reduce(log pi_theta(x_{j+1} | x_j, c)) of samples ``index`` at steps ``step`` (with grad)  [b, ...]"""
+        ...
+
+    def backward(self, loss: Tensor, sync: bool = True) -> None:
+        """loss.backward(); ``sync=False`` skips the cross-process gradient reduction (accumulating)."""
+        ...
+
+    def step(self) -> float:
+        """Clip the gradient norm, optimizer.step(), zero_grad(); returns the pre-clip norm."""
+        ...
+
+
+class Algorithm:
+    """Base class: defaults for what the rollout must record, and no-op state."""
+
+    needs_reference: bool = False  # record log pi_ref per step (PRDP)
+    needs_reward_maps: bool = False  # the reward must give per-pixel maps (PXPO)
+    min_images_per_prompt: int = 1  # e.g. 2 for pairwise losses
+
+    def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
+        """Element-wise log-density [b, C, h, w] -> what this algorithm trains on."""
+        raise NotImplementedError
+
+    def check(self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int) -> None:
+        """Raise ConfigError when the batch arithmetic cannot work for this algorithm."""
+
+    def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
+        """Compute ``rollout.advantages`` (or pairs); every process calls it."""
+        raise NotImplementedError
+
+    def update(self, rollout: Rollout, ctx: TrainContext) -> dict[str, float]:
+        """The paper's gradient update(s) on this epoch's data; returns mean diagnostics."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Average a list of per-micro-batch diagnostics."""
+    if not rows:
+        return {}
+    return {k: float(sum(r[k] for r in rows) / len(rows)) for k in rows[0]}

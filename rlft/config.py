@@ -1,0 +1,252 @@
+"""Typed configuration.
+
+Two layers of typing, both checked at start-up before any model loads:
+
+* The run-level schema (:class:`RunConfig` with :class:`TrainerConfig` and
+  :class:`SamplerConfig`) is a Hydra structured config: Hydra itself rejects an
+  unknown key or a value of the wrong type while composing.
+* Plug-in groups (``model``, ``reward``, ``algorithm``, ``dataset``,
+  ``eval_dataset``, ``logger``, ``optimizer``) are ``_target_`` nodes. Their
+  schema is the target's signature: :func:`validate_component` builds a
+  dataclass from it and merges the node into it, so a key the target does not
+  accept or a value of the wrong type fails naming the key ("airtight"
+  configs: no key the code ignores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from rlft.errors import ConfigError
+
+COMPONENT_GROUPS = ("model", "reward", "algorithm", "dataset", "eval_dataset", "logger", "optimizer")
+
+
+class NaNPolicy(str, enum.Enum):
+    stop = "stop"  # save a checkpoint and the offending images, then stop (exit 3)
+    skip = "skip"  # drop the epoch's update, log it, go on
+
+
+@dataclass
+class SamplerConfig:
+    """How images are sampled (the rollout)."""
+
+    scheduler: str = "ddim"  # ddim | ddpm: the step family of sampling.step_with_log_prob
+    num_steps: int = 50
+    eta: float = 1.0  # DDIM only; 1.0 makes DDIM's step equal DDPM's
+    guidance_scale: float = 5.0
+    batch_size: int = 8  # images per UNet forward while sampling, per process
+    negative_prompt: str = ""
+
+
+@dataclass
+class TrainerConfig:
+    """The loop's sizes and schedule. Batch sizes say whether they are global or per process."""
+
+    epochs: int = 100
+    prompts_per_epoch: int = 32  # global: distinct prompts drawn per epoch, split over processes
+    images_per_prompt: int = 1  # images of each prompt, all on the process that owns the prompt
+    train_batch_size: int = 4  # per process: samples per gradient micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"  # no | fp16 | bf16 (log-probs are always computed in fp32)
+    allow_tf32: bool = True
+    eval_every: int = 10  # epochs; 0 disables evaluation
+    eval_num_prompts: int = 8
+    eval_images_per_prompt: int = 2
+    eval_seed: int = 1234
+    checkpoint_every: int = 10  # epochs; 0 keeps only the final checkpoint
+    keep_checkpoints: int = 2
+    log_images: int = 8  # sample images written per epoch (0 disables)
+    on_nan_reward: NaNPolicy = NaNPolicy.stop
+    progress_bar: bool = True
+
+
+@dataclass
+class PathsConfig:
+    output_root: str = "outputs"
+    cache_dir: str = "${oc.env:RLFT_CACHE,${oc.env:HOME,.}/.cache/rlft}"
+
+
+@dataclass
+class RunConfig:
+    """The root config: a defaults list over the groups plus a few run-level scalars."""
+
+    seed: int = 0
+    run_name: str = "run"
+    resume: str = "auto"  # auto: continue this run_name's latest checkpoint if any | never | <checkpoint dir>
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    model: Any = None
+    reward: Any = None
+    algorithm: Any = None
+    dataset: Any = None
+    eval_dataset: Any = None
+    logger: Any = None
+    optimizer: Any = None
+
+
+def register_configs() -> None:
+    """Register the run-level schema with Hydra's ConfigStore (config.yaml extends it)."""
+    cs = ConfigStore.instance()
+    cs.store(name="rlft_schema", node=RunConfig)
+
+
+# --------------------------------------------------------------------------- components
+
+
+_SIMPLE = (int, float, bool, str)
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """Map a signature annotation onto a type OmegaConf can check (Any where it cannot)."""
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if annotation in _SIMPLE or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+        return annotation
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            inner = _omegaconf_type(non_none[0])
+            return Optional[inner] if inner is not Any else Any
+        return Any
+    if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
+        inner = _omegaconf_type(args[0]) if args else Any
+        return list[inner] if inner in _SIMPLE else list[Any]
+    if origin is dict or annotation is dict:
+        inner = _omegaconf_type(args[1]) if len(args) == 2 else Any
+        return dict[str, inner] if inner in _SIMPLE else dict[str, Any]
+    if origin is typing.Literal:
+        return str
+    return Any
+
+
+def _literal_choices(annotation: Any) -> tuple | None:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            choices = _literal_choices(arg)
+            if choices:
+                return choices
+    return None
+
+
+def signature_schema(target: Any) -> tuple[type, dict[str, tuple]]:
+    """A dataclass whose fields are ``target``'s parameters (types and defaults).
+
+    Returns the dataclass and, per parameter annotated with ``Literal``, its choices.
+    """
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolved forward references: fall back to the raw annotations
+        hints = {}
+    fields, choices = [("_target_", str, dataclasses.field(default=""))], {}
+    fields.append(("_partial_", bool, dataclasses.field(default=False)))
+    for name, param in sig.parameters.items():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name == "self":
+            continue
+        annotation = hints.get(name, param.annotation)
+        typ = _omegaconf_type(annotation)
+        if (literal := _literal_choices(annotation)) is not None:
+            choices[name] = literal
+        if param.default is inspect.Parameter.empty:
+            fields.append((name, typ, dataclasses.field(default="???")))
+            continue
+        value = param.default
+        if isinstance(value, (list, dict, tuple)):
+            default = dataclasses.field(default_factory=lambda v=value: list(v) if isinstance(v, tuple) else v)
+        elif value is None or isinstance(value, _SIMPLE) or isinstance(value, enum.Enum):
+            default = dataclasses.field(default=value)
+        else:  # an object default (a tensor, a class): not configurable from yaml
+            typ, default = Any, dataclasses.field(default=None)
+        fields.append((name, typ, default))
+    name = getattr(target, "__qualname__", str(target)).replace(".", "_") + "Schema"
+    return dataclasses.make_dataclass(name, fields), choices
+
+
+def _short(exc: OmegaConfBaseException) -> str:
+    msg = str(exc).split("\n")[0]
+    return msg.replace("__main__.", "")
+
+
+def validate_component(group: str, node: DictConfig) -> None:
+    """Check one ``_target_`` node against its target's signature; raise ConfigError naming the key."""
+    if node is None:
+        return
+    target_path = node.get("_target_")
+    if not target_path:
+        raise ConfigError(group, "has no _target_", f"choose an option of the '{group}' group")
+    try:
+        target = get_object(target_path)
+    except Exception as exc:  # ImportError, AttributeError
+        raise ConfigError(f"{group}._target_", f"cannot import '{target_path}': {exc}") from None
+    schema, choices = signature_schema(target)
+    try:
+        plain = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(group, f"cannot resolve: {_short(exc)}") from None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
+        known = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
+        detail = _short(exc)
+        if isinstance(exc, ConfigKeyError):
+            raise ConfigError(
+                f"{group}.{key}",
+                f"unknown key for {target_path}",
+                f"known keys: {', '.join(known)}",
+            ) from None
+        raise ConfigError(f"{group}.{key}", detail) from None
+    missing = OmegaConf.missing_keys(merged)
+    if missing and not node.get("_partial_", False):
+        key = sorted(missing)[0]
+        raise ConfigError(f"{group}.{key}", "is required but not set", f"set {group}.{key}=...")
+    for key, allowed in choices.items():
+        value = merged.get(key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"{group}.{key}", f"'{value}' is not one of {list(allowed)}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Start-up checks over the whole config (types, keys, values that cannot work)."""
+    for group in COMPONENT_GROUPS:
+        validate_component(group, cfg.get(group))
+    s, t = cfg.sampler, cfg.trainer
+    if s.scheduler not in ("ddim", "ddpm"):
+        raise ConfigError("sampler.scheduler", f"'{s.scheduler}' is not one of ['ddim', 'ddpm']")
+    if s.num_steps < 1:
+        raise ConfigError("sampler.num_steps", f"must be >= 1, got {s.num_steps}")
+    if s.scheduler == "ddim" and not (0.0 < s.eta <= 1.0):
+        raise ConfigError(
+            "sampler.eta",
+            f"{s.eta} makes every DDIM step deterministic or invalid",
+            "policy-gradient finetuning needs 0 < eta <= 1; DDPO uses 1.0",
+        )
+    if not math.isfinite(s.guidance_scale) or s.guidance_scale < 1.0:
+        raise ConfigError("sampler.guidance_scale", f"must be >= 1.0, got {s.guidance_scale}")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError("trainer.mixed_precision", f"'{t.mixed_precision}' is not one of no, fp16, bf16")
+    for key in ("epochs", "prompts_per_epoch", "images_per_prompt", "train_batch_size", "gradient_accumulation_steps"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}", f"must be >= 1, got {t[key]}")
+    if not cfg.resume or not str(cfg.resume).strip():
+        raise ConfigError("resume", "is empty", "use auto, never or a checkpoint directory")

@@ -1,0 +1,194 @@
+"""Prompt datasets and the deterministic, resumable prompt stream.
+
+A dataset is an indexable list of :class:`Prompt` (text + metadata a reward may
+read). :class:`PromptStream` turns it into an endless sequence of shuffled
+passes; every process draws the same global batch of prompt indices and keeps
+its own contiguous slice, so all images of one prompt live on one process.
+Drawing a batch is O(batch) plus one permutation per pass over the dataset;
+the stream's whole state is one integer (its position).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+class PromptDataset:
+    """An indexable set of prompts."""
+
+    name: str = "prompts"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Prompt:
+        raise NotImplementedError
+
+    def evaluation_prompts(self, n: int) -> list[Prompt]:
+        """``n`` fixed prompts spread evenly over the dataset (the same every call)."""
+        size = len(self)
+        idx = np.linspace(0, size - 1, num=min(n, size)).round().astype(int) if n < size else range(size)
+        return [self[int(i)] for i in idx]
+
+
+class PromptList(PromptDataset):
+    """Prompts given in the config: ``template`` formats each item ("A painting of a {}")."""
+
+    def __init__(self, prompts: list[str], template: str = "{}", name: str = "prompts"):
+        if not prompts:
+            raise ConfigError("dataset.prompts", "is empty", "give at least one prompt")
+        self.name = name
+        self.prompts = [template.format(p) for p in prompts]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return Prompt(self.prompts[index])
+
+
+def _packaged_lines(name: str) -> list[str]:
+    text = resources.files("rlft.data").joinpath("prompts", f"{name}.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+class PackagedPrompts(PromptList):
+    """A prompt set shipped with rlft (``rlft/data/prompts/<name>.txt``), e.g. DDPO's simple_animals."""
+
+    def __init__(self, name: str, template: str = "{}"):
+        try:
+            lines = _packaged_lines(name)
+        except FileNotFoundError:
+            known = sorted(p.stem for p in Path(__file__).parent.joinpath("prompts").glob("*.txt"))
+            raise ConfigError("dataset.name", f"no packaged prompt set '{name}'", f"known: {', '.join(known)}") from None
+        super().__init__(lines, template=template, name=name)
+
+
+def _article(noun: str) -> str:
+    return "an" if noun[:1].lower() in "aeiou" else "a"
+
+
+class NounsActivities(PromptDataset):
+    """DDPO's prompt-alignment set: "a(n) <noun> <activity>" over all noun x activity pairs."""
+
+    def __init__(self, nouns: str = "simple_animals", activities: str = "activities"):
+        self.name = "nouns_activities"
+        self.nouns = _packaged_lines(nouns)
+        self.activities = _packaged_lines(activities)
+
+    def __len__(self) -> int:
+        return len(self.nouns) * len(self.activities)
+
+    def __getitem__(self, index: int) -> Prompt:
+        noun = self.nouns[index // len(self.activities)]
+        activity = self.activities[index % len(self.activities)]
+        return Prompt(f"{_article(noun)} {noun} {activity}", {"noun": noun, "activity": activity})
+
+
+class PromptFile(PromptDataset):
+    """Prompts from a local file: .txt (one per line), .jsonl (one object per line) or .csv.
+
+    ``column`` names the field holding the prompt in jsonl/csv (default "prompt");
+    the other fields become the prompt's metadata.
+    """
+
+    def __init__(self, path: str, column: str = "prompt"):
+        p = Path(path).expanduser()
+        self.name = p.stem
+        if not p.is_file():
+            raise ConfigError("dataset.path", f"prompt file '{path}' does not exist", "set dataset.path to a file")
+        suffix = p.suffix.lower()
+        if suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+        elif suffix == ".csv":
+            with p.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif suffix in (".txt", ""):
+            rows = [{column: line.strip()} for line in p.read_text().splitlines() if line.strip()]
+        else:
+            raise ConfigError("dataset.path", f"unknown prompt file type '{suffix}'", "use .txt, .jsonl or .csv")
+        if not rows:
+            raise ConfigError("dataset.path", f"prompt file '{path}' holds no prompts", "add one prompt per line")
+        if column not in rows[0]:
+            raise ConfigError(
+                "dataset.column", f"'{column}' is not a field of '{path}'", f"fields: {', '.join(rows[0])}"
+            )
+        self.prompts = [
+            Prompt(str(r[column]).strip(), {k: v for k, v in r.items() if k != column}) for r in rows
+        ]
+        self.prompts = [pr for pr in self.prompts if pr.text]
+        if not self.prompts:
+            raise ConfigError("dataset.path", f"prompt file '{path}' holds only empty prompts")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, index: int) -> Prompt:
+        return self.prompts[index]
+
+
+class PromptStream:
+    """Endless stream of prompt indices: pass k is a permutation of the dataset seeded by (seed, k)."""
+
+    def __init__(self, dataset: PromptDataset, seed: int, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ConfigError("dataset", "holds no prompts")
+        self.dataset = dataset
+        self.seed = seed
+        self.shuffle = shuffle
+        self.position = 0
+        self._pass, self._order = -1, None
+
+    def _order_of(self, k: int) -> torch.Tensor:
+        if k != self._pass:
+            n = len(self.dataset)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0]))
+                self._order = torch.randperm(n, generator=g)
+            else:
+                self._order = torch.arange(n)
+            self._pass = k
+        return self._order
+
+    def next_indices(self, n: int) -> list[int]:
+        """The next ``n`` global prompt indices (identical on every process)."""
+        out, size = [], len(self.dataset)
+        while len(out) < n:
+            k, offset = divmod(self.position, size)
+            take = min(n - len(out), size - offset)
+            out.extend(self._order_of(k)[offset : offset + take].tolist())
+            self.position += take
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "seed": self.seed, "size": len(self.dataset)}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        if state["size"] != len(self.dataset):
+            raise ConfigError(
+                "dataset", f"holds {len(self.dataset)} prompts but the checkpoint's held {state['size']}"
+            )
+        self.position = int(state["position"])
+
+
+def shard(items: Sequence, rank: int, world: int) -> list:
+    """Contiguous slice ``rank`` of ``world`` equal slices (len(items) must divide)."""
+    per = len(items) // world
+    return list(items[rank * per : (rank + 1) * per])

@@ -1,0 +1,32 @@
+"""Errors that teach.
+
+Every mistake a user can make in a config or an input file ends in one
+:class:`RlftError` whose message says what is wrong and what to set. The
+command-line entry point prints it as a single line and exits non-zero,
+without a stack trace.
+"""
+
+from __future__ import annotations
+
+
+class RlftError(Exception):
+    """A problem with the user's config or inputs (exit code 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(RlftError):
+    """A config value that cannot work: names the key and what to set."""
+
+    def __init__(self, key: str, problem: str, fix: str | None = None):
+        self.key = key
+        message = f"{key}: {problem}"
+        if fix:
+            message += f" ({fix})"
+        super().__init__(message)
+
+
+class RewardError(RlftError):
+    """A reward returned non-finite scores; the run stopped after saving its state."""
+
+    exit_code = 3

@@ -1,0 +1,166 @@
+"""Run logging: metrics.jsonl and captioned sample grids in the run directory, mirrored to W&B.
+
+``logger=none`` writes only the local files; ``logger=wandb`` also mirrors
+every metric and image to W&B: online when an API key is configured
+(``WANDB_API_KEY`` or ``wandb login``), otherwise offline into the run
+directory, with one line saying how to sync it. Only the main process logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+
+class LocalLogger:
+    """metrics.jsonl (one JSON object per logged step) and PNG grids under ``samples/``."""
+
+    def __init__(self, images_per_row: int = 4):
+        self.images_per_row = images_per_row
+        self.run_dir: Path | None = None
+
+    def start(self, run_dir: Path, config: Mapping[str, Any], resume_epoch: int | None) -> None:
+        self.run_dir = Path(run_dir)
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / "metrics.jsonl"
+        if resume_epoch is not None and path.exists():
+            # drop what a killed run logged after its last checkpoint: the resumed run redoes it
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("epoch", 0) <= resume_epoch]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif path.exists():
+            path.unlink()
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_images(self, key: str, images: torch.Tensor, captions: Sequence[str], step: int) -> Path:
+        path = self.run_dir / "samples" / f"{key.replace('/', '_')}_{step:05d}.png"
+        captioned_grid(images, captions, self.images_per_row).save(path)
+        return path
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(LocalLogger):
+    """LocalLogger plus a W&B run (id kept in the run directory so that resumes continue it)."""
+
+    def __init__(
+        self,
+        project: str = "rlft",
+        entity: str | None = None,
+        mode: str = "auto",
+        tags: list[str] = [],  # noqa: B006 (read-only)
+        group: str | None = None,
+        images_per_row: int = 4,
+    ):
+        super().__init__(images_per_row)
+        if mode not in ("auto", "online", "offline", "disabled"):
+            from rlft.errors import ConfigError
+
+            raise ConfigError("logger.mode", f"'{mode}' is not one of auto, online, offline, disabled")
+        self.project, self.entity, self.mode, self.tags, self.group = project, entity, mode, list(tags), group
+        self.run = None
+
+    def start(self, run_dir: Path, config: Mapping[str, Any], resume_epoch: int | None) -> None:
+        import wandb
+
+        super().start(run_dir, config, resume_epoch)
+        mode = self.mode
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+        id_file = self.run_dir / "wandb_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=self.tags,
+            name=self.run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run_dir),
+            mode=mode,
+            config=dict(config),
+        )
+        if mode == "offline":
+            print(f"wandb: offline run in {self.run_dir / 'wandb'}; upload later with `wandb sync {self.run.dir}/..`")
+
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
+        super().log(metrics, step)
+        self.run.log({k: _plain(v) for k, v in metrics.items()}, step=step)
+
+    def log_images(self, key: str, images: torch.Tensor, captions: Sequence[str], step: int) -> Path:
+        import wandb
+
+        path = super().log_images(key, images, captions, step)
+        self.run.log(
+            {key: [wandb.Image(_to_pil(img), caption=cap) for img, cap in zip(images, captions)]}, step=step
+        )
+        return path
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def _wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> PIL RGB."""
+    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def captioned_grid(images: torch.Tensor, captions: Sequence[str], per_row: int = 4, cell: int = 128) -> Image.Image:
+    """A grid of images (upscaled to ``cell`` pixels) with each caption written under its image."""
+    n = len(images)
+    cols = max(1, min(per_row, n))
+    rows = math.ceil(n / cols)
+    text_h = 28
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (img, cap) in enumerate(zip(images, captions)):
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(_to_pil(img).resize((cell, cell), Image.NEAREST), (x, y))
+        for k, line in enumerate(_wrap(cap, 24)[:2]):
+            draw.text((x + 2, y + cell + 1 + 12 * k), line, fill="black")
+    return grid
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line] if line else lines

@@ -1,0 +1,311 @@
+"""Loading the policy: a text-to-image pipeline in the diffusers layout.
+
+Stable Diffusion from the hub, a local copy of it, and the tiny models of the
+tests and the toy world all load through ``StableDiffusionPipeline.from_pretrained``.
+Only the UNet trains: LoRA adapters through peft (``finetune=lora``) or the
+whole UNet (``finetune=full``). The frozen reference policy pi_ref (PRDP) is the
+pretrained UNet: adapters disabled for LoRA, a frozen copy for full finetuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from rlft.errors import ConfigError
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class DiffusionPolicy:
+    """Tokenizer, text encoder, UNet (trainable), VAE and scheduler config of one pipeline."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        unet,
+        vae,
+        scheduler_config,
+        finetune: str = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS,
+        gradient_checkpointing: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.vae = vae.requires_grad_(False).eval()
+        self.scheduler_config = scheduler_config
+        self.finetune = finetune
+        self.unet = unet
+        self._reference_unet = None
+        if finetune == "lora":
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(
+                LoraConfig(
+                    r=lora_rank,
+                    lora_alpha=lora_alpha,
+                    init_lora_weights="gaussian",
+                    target_modules=list(lora_target_modules),
+                )
+            )
+        else:
+            unet.requires_grad_(True)
+        if gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        finetune: Literal["lora", "full"] = "lora",
+        lora_rank: int = 4,
+        lora_alpha: float = 4.0,
+        lora_target_modules: list[str] = list(DEFAULT_LORA_TARGETS),  # noqa: B006 (read-only)
+        gradient_checkpointing: bool = False,
+        builder: str | None = None,
+    ) -> DiffusionPolicy:
+        """Load a pipeline from the hub or a local directory.
+
+        ``builder``: dotted path of a function ``f(path)`` that writes the pipeline
+        when ``path`` does not exist yet (used by ``model=tiny_random``).
+        """
+        from diffusers import StableDiffusionPipeline
+        from hydra.utils import get_object
+
+        if builder and not Path(path).exists():
+            build_atomically(get_object(builder), path)
+        local = Path(path).is_dir()
+        if not local and path.startswith((".", "/", "~")):
+            raise ConfigError("model.path", f"'{path}' does not exist", "set model.path to a diffusers directory")
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path,
+                revision=revision,
+                variant=variant,
+                safety_checker=None,
+                requires_safety_checker=False,
+                local_files_only=local or None,
+            )
+        except (OSError, ValueError, EnvironmentError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(
+                "model.path",
+                f"cannot load a diffusers pipeline from '{path}': {first}",
+                "set model.path to a local directory with model_index.json, unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/ (or a hub id when online)",
+            ) from None
+        return cls(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            pipe.unet,
+            pipe.vae,
+            pipe.scheduler.config,
+            finetune=finetune,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=tuple(lora_target_modules),
+            gradient_checkpointing=gradient_checkpointing,
+        )
+
+    # ------------------------------------------------------------------ use
+    def to(self, device, dtype: torch.dtype = torch.float32) -> DiffusionPolicy:
+        """Frozen parts in ``dtype`` (half precision on GPU); the UNet stays fp32 (autocast does the rest)."""
+        self.text_encoder.to(device, dtype=dtype)
+        self.vae.to(device, dtype=dtype)
+        self.unet.to(device)
+        return self
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of x_T."""
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Tensor:
+        """Text-encoder hidden states  [B, L, D]."""
+        tok = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = self.text_encoder.device
+        return self.text_encoder(tok.input_ids.to(device))[0]
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents -> images in [0, 1]  [B, 3, H, W]."""
+        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    @contextmanager
+    def reference(self, unet) -> Iterator[torch.nn.Module]:
+        """The frozen pretrained UNet pi_ref (adapters off for LoRA, a frozen copy for full finetuning)."""
+        if self.finetune == "lora":
+            base = _unwrap(unet)
+            base.disable_adapters()
+            try:
+                yield unet
+            finally:
+                base.enable_adapters()
+        else:
+            if self._reference_unet is None:
+                raise RuntimeError("call keep_reference() before training starts (full finetuning)")
+            yield self._reference_unet
+
+    def keep_reference(self) -> None:
+        """Full finetuning: snapshot the pretrained UNet as pi_ref (LoRA needs no copy)."""
+        if self.finetune == "full" and self._reference_unet is None:
+            self._reference_unet = copy.deepcopy(_unwrap(self.unet)).requires_grad_(False).eval()
+
+    def trainable_state_dict(self, unet) -> dict[str, Tensor]:
+        """What a checkpoint must hold: the LoRA adapter, or the whole UNet."""
+        base = _unwrap(unet)
+        if self.finetune == "lora":
+            from peft import get_peft_model_state_dict
+
+            return get_peft_model_state_dict(base)
+        return base.state_dict()
+
+    def load_trainable_state_dict(self, unet, state: dict[str, Tensor]) -> None:
+        base = _unwrap(unet)
+        if self.finetune == "lora":
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(base, state)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"checkpoint adapter has unexpected keys: {result.unexpected_keys[:3]}")
+        else:
+            base.load_state_dict(state)
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)
+
+
+def build_atomically(build, path: str) -> None:
+    """Run ``build(tmpdir)`` and move the result to ``path`` (safe when several processes race)."""
+    target = Path(path).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        build(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- tiny random SD
+
+
+def _char_bpe_tokenizer(directory: Path, max_length: int):
+    """A CLIP BPE tokenizer over single characters (no merges): vocab.json + merges.txt, no download."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=max_length)
+
+
+def build_tiny_random(path: str, seed: int = 0, resolution: int = 32) -> None:
+    """Write a tiny random-initialised Stable Diffusion pipeline (same classes, same layout).
+
+    32x32 images, a VAE that downsamples 4x (8x8x4 latents), a 2-block UNet with
+    cross-attention, a 2-layer CLIP text encoder and a character-level CLIP tokenizer.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    out = Path(path)
+    tokenizer = _char_bpe_tokenizer(out / "_tok_src", max_length=32)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 4,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out)
+    shutil.rmtree(out / "_tok_src", ignore_errors=True)

@@ -1,0 +1,87 @@
+"""The reward interface (DESIGN section 2)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RewardOutput:
+    scores: Tensor  # one scalar per image                       [B] float32, CPU
+    maps: Tensor | None = None  # per-pixel reward, sums to the score  [B, H, W] float32, CPU
+    components: dict[str, Tensor] = field(default_factory=dict)  # named parts of a composite  [B] each
+
+    @staticmethod
+    def cat(outputs: Sequence[RewardOutput]) -> RewardOutput:
+        maps = [o.maps for o in outputs]
+        return RewardOutput(
+            scores=torch.cat([o.scores for o in outputs]),
+            maps=torch.cat(maps) if all(m is not None for m in maps) else None,
+            components={k: torch.cat([o.components[k] for o in outputs]) for k in outputs[0].components},
+        )
+
+
+class Reward:
+    """Base class. Subclasses implement :meth:`score`; ``name`` prefixes the logged components."""
+
+    name: str = "reward"
+    gives_maps: bool = False  # True when score() returns per-pixel maps
+
+    def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> RewardOutput:
+        raise NotImplementedError
+
+    def to(self, device) -> Reward:
+        """Move model weights (if any) to ``device``; rewards never pick a device themselves."""
+        return self
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> RewardOutput:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"rewards take images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+        out = self.score(images, prompts, metadata)
+        out.scores = out.scores.detach().float().cpu()
+        if out.maps is not None:
+            out.maps = out.maps.detach().float().cpu()
+        if not out.components:
+            out.components = {self.name: out.scores}
+        return out
+
+
+class WeightedSum(Reward):
+    """r = sum_k w_k r_k; every component r_k is logged under its own name."""
+
+    name = "weighted_sum"
+
+    def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float]):
+        missing = set(rewards) ^ set(weights)
+        if missing:
+            raise ValueError(f"reward weights and components differ on {sorted(missing)}")
+        self.rewards = dict(rewards)
+        self.weights = dict(weights)
+        self.gives_maps = all(r.gives_maps for r in self.rewards.values())
+
+    def to(self, device) -> WeightedSum:
+        for r in self.rewards.values():
+            r.to(device)
+        return self
+
+    def score(self, images, prompts, metadata) -> RewardOutput:
+        total, total_map, components = 0.0, 0.0, {}
+        for key, reward in self.rewards.items():
+            out = reward(images, prompts, metadata)
+            w = self.weights[key]
+            total = total + w * out.scores
+            if self.gives_maps:
+                total_map = total_map + w * out.maps
+            components[key] = out.scores
+        return RewardOutput(total, total_map if self.gives_maps else None, components)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[0, 1] floats -> uint8 as (x * 255).round().clamp(0, 255)  (DESIGN 4)."""
+    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)

@@ -1,0 +1,523 @@
+"""The one loop: sample -> reward -> prepare -> update -> log -> evaluate -> checkpoint.
+
+The runner owns accelerate (device, mixed precision, DDP), the reward thread,
+logging, evaluation and checkpoints. It never branches on the algorithm: what
+an algorithm needs from the rollout it declares (``needs_reference``,
+``needs_reward_maps``, ``reduce_log_prob``) and its update is its own.
+
+Reproducibility: every random draw of epoch e on process p comes from a
+generator seeded by (seed, e, p, purpose), so a run resumed from a checkpoint
+continues exactly as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from rlft.algorithms.base import Algorithm, Rollout
+from rlft.config import NaNPolicy
+from rlft.data import PromptDataset, PromptStream, shard
+from rlft.errors import ConfigError, RewardError, RlftError
+from rlft.models import DiffusionPolicy
+from rlft.rewards.base import Reward, RewardOutput
+from rlft.sampling import Sampler, Trajectory, make_scheduler
+
+TRAINABLE_FILE = "trainable.safetensors"
+COMPLETE_MARKER = "run_state.json"
+RESUME_IGNORED_KEYS = ("resume", "trainer.epochs", "trainer.eval_every", "trainer.checkpoint_every",
+                       "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.log_images", "logger")
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A CPU generator seeded by a tuple of ints (seed, epoch, process, purpose)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
+
+
+PURPOSE_SAMPLE, PURPOSE_TRAIN, PURPOSE_EVAL = 1, 2, 3
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch arithmetic, derived once and validated at start-up."""
+
+    world_size: int
+    prompts_per_epoch: int  # global
+    images_per_prompt: int
+    prompts_per_process: int
+    samples_per_process: int  # = prompts_per_process * images_per_prompt
+    sample_batch_size: int  # per process
+    train_batch_size: int  # per process
+    gradient_accumulation_steps: int
+
+    @classmethod
+    def derive(cls, cfg: DictConfig, world_size: int, algorithm: Algorithm) -> BatchPlan:
+        t, s = cfg.trainer, cfg.sampler
+        if t.prompts_per_epoch % world_size:
+            raise ConfigError(
+                "trainer.prompts_per_epoch",
+                f"{t.prompts_per_epoch} prompts do not split over {world_size} processes",
+                f"use a multiple of {world_size}",
+            )
+        ppp = t.prompts_per_epoch // world_size
+        spp = ppp * t.images_per_prompt
+        if t.images_per_prompt < algorithm.min_images_per_prompt:
+            raise ConfigError(
+                "trainer.images_per_prompt",
+                f"{type(algorithm).__name__} compares images of the same prompt and needs at least "
+                f"{algorithm.min_images_per_prompt}, got {t.images_per_prompt}",
+            )
+        if spp % s.batch_size:
+            raise ConfigError(
+                "sampler.batch_size",
+                f"{s.batch_size} does not divide the {spp} samples per process "
+                f"({ppp} prompts x {t.images_per_prompt} images)",
+            )
+        if spp % t.train_batch_size:
+            raise ConfigError(
+                "trainer.train_batch_size",
+                f"{t.train_batch_size} does not divide the {spp} samples per process "
+                f"({ppp} prompts x {t.images_per_prompt} images)",
+            )
+        algorithm.check(spp, t.train_batch_size, t.gradient_accumulation_steps)
+        return cls(world_size, t.prompts_per_epoch, t.images_per_prompt, ppp, spp, s.batch_size,
+                   t.train_batch_size, t.gradient_accumulation_steps)
+
+    def describe(self) -> str:
+        total = self.prompts_per_epoch * self.images_per_prompt
+        micro = self.samples_per_process // self.train_batch_size
+        return (
+            f"{self.prompts_per_epoch} prompts x {self.images_per_prompt} images = {total} samples per epoch "
+            f"({self.samples_per_process} per process x {self.world_size} processes); sampling "
+            f"{self.samples_per_process // self.sample_batch_size} batches of {self.sample_batch_size} per process; "
+            f"training {micro} micro-batches of {self.train_batch_size}, one optimizer step every "
+            f"{self.gradient_accumulation_steps}"
+        )
+
+
+class _Comm:
+    """Collectives for Algorithm.prepare (``rlft.algorithms.base.Comm``)."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return tensor
+        return self.accelerator.gather(tensor.to(self.accelerator.device).contiguous()).cpu()
+
+    def gather_object(self, items) -> list:
+        return list(items) if self.world_size == 1 else gather_object(list(items))
+
+
+class _RunState:
+    """What a checkpoint holds beside weights and optimizer: epoch, data position, algorithm state."""
+
+    def __init__(self, runner: Runner):
+        self.runner = runner
+
+    def state_dict(self) -> dict:
+        r = self.runner
+        return {"epoch": r.epoch, "stream": r.stream.state_dict(), "algorithm": r.algorithm.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        r = self.runner
+        r.epoch = int(state["epoch"])
+        r.stream.load_state_dict(state["stream"])
+        r.algorithm.load_state_dict(state["algorithm"])
+
+
+class _Learner:
+    """The TrainContext handed to Algorithm.update."""
+
+    def __init__(self, runner: Runner, generator: torch.Generator):
+        self.r = runner
+        self.generator = generator
+        self.train_batch_size = runner.plan.train_batch_size
+        self.gradient_accumulation_steps = runner.plan.gradient_accumulation_steps
+
+    def log_prob(self, rollout: Rollout, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        r, traj = self.r, rollout.trajectory
+        with r.accelerator.autocast():
+            log_prob = r.sampler.log_prob(
+                r.unet,
+                traj.latents[index, step],
+                traj.latents[index, step + 1],
+                traj.timesteps[step].to(r.device),
+                traj.prompt_embeds[index],
+                r.negative_embeds,
+            )
+        return r.algorithm.reduce_log_prob(log_prob)
+
+    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
+        acc = self.r.accelerator
+        with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.r.unet):
+            acc.backward(loss)
+
+    def step(self) -> float:
+        r = self.r
+        norm = r.accelerator.clip_grad_norm_(r.params, r.cfg.trainer.max_grad_norm)
+        r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+
+class Runner:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        t = cfg.trainer
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision)
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        if torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
+            torch.backends.cudnn.allow_tf32 = t.allow_tf32
+        # cheap components first: config mistakes surface before any weights load
+        self.dataset: PromptDataset = instantiate(cfg.dataset)
+        self.eval_dataset: PromptDataset | None = instantiate(cfg.eval_dataset) if cfg.eval_dataset else None
+        self.algorithm: Algorithm = instantiate(cfg.algorithm)
+        self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
+        self.reward: Reward = instantiate(cfg.reward)
+        if self.algorithm.needs_reward_maps and not self.reward.gives_maps:
+            raise ConfigError("reward", f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
+                              f"'{type(self.reward).__name__}' gives only scalar scores")
+        self.stream = PromptStream(self.dataset, seed=cfg.seed)
+        self.logger = instantiate(cfg.logger) if self.is_main else None
+        # the policy
+        self.policy: DiffusionPolicy = instantiate(cfg.model)
+        self.reward.to(self.device)
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
+        if self.device.type == "cpu":
+            weight_dtype = torch.float32
+        self.policy.to(self.device, weight_dtype)
+        if self.algorithm.needs_reference:
+            self.policy.keep_reference()
+        self.sampler = Sampler(
+            make_scheduler(cfg.sampler.scheduler, self.policy.scheduler_config),
+            cfg.sampler.num_steps, cfg.sampler.eta, cfg.sampler.guidance_scale,
+        )
+        self.negative_embeds = self.policy.encode_prompts([cfg.sampler.negative_prompt])  # [1, L, D]
+        self.params = self.policy.trainable_parameters()
+        optimizer = instantiate(cfg.optimizer)(self.params)
+        self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
+        self.accelerator.register_save_state_pre_hook(self._save_trainable)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable)
+        self.accelerator.register_for_checkpointing(_RunState(self))
+        self.executor = ThreadPoolExecutor(max_workers=1)  # rewards overlap the next sampling batch
+        self.epoch = 0  # completed epochs
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_trainable(self, models, weights, output_dir) -> None:
+        if self.is_main:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict(self.unet).items()}
+            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
+        weights.clear()  # the adapter (or UNet) is saved above, not as a full model state
+
+    def _load_trainable(self, models, input_dir) -> None:
+        self.policy.load_trainable_state_dict(self.unet, load_file(str(Path(input_dir) / TRAINABLE_FILE)))
+        models.clear()
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path:
+        final = self.checkpoint_root / f"epoch_{self.epoch:05d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps({"epoch": self.epoch, "config": config}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            kept = sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
+            for old in kept[: -max(1, self.cfg.trainer.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume_from(self) -> Path | None:
+        """The checkpoint to continue from, per ``resume`` (auto | never | <dir>)."""
+        mode = str(self.cfg.resume)
+        latest = self.latest_checkpoint()
+        if mode == "never":
+            if latest is not None:
+                raise RlftError(
+                    f"{self.run_dir} already holds checkpoints ({latest.name}); set resume=auto to continue "
+                    "that run, or a new run_name=... to start another"
+                )
+            return None
+        if mode == "auto":
+            return latest
+        path = Path(mode).expanduser()
+        if not (path / COMPLETE_MARKER).exists():
+            raise ConfigError("resume", f"'{mode}' is not a complete checkpoint directory",
+                              f"use auto, never, or a directory holding {COMPLETE_MARKER}")
+        return path
+
+    def _check_same_config(self, checkpoint: Path) -> None:
+        saved = OmegaConf.create(json.loads((checkpoint / COMPLETE_MARKER).read_text())["config"])
+        now = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
+        diffs = _config_diff(saved, now)
+        diffs = [d for d in diffs if not d.startswith(RESUME_IGNORED_KEYS)]
+        if diffs:
+            raise RlftError(
+                f"cannot resume {checkpoint}: its config differs in {', '.join(diffs[:5])}; use the same "
+                "settings, or a new run_name=... (or resume=never) to start another run"
+            )
+
+    # ------------------------------------------------------------------ one epoch
+    def _prompts_for_epoch(self):
+        """This process's prompts (each repeated images_per_prompt times) and their epoch-wide group ids."""
+        p = self.plan
+        global_indices = self.stream.next_indices(p.prompts_per_epoch)
+        mine = shard(list(range(p.prompts_per_epoch)), self.accelerator.process_index, p.world_size)
+        prompts = [self.dataset[global_indices[i]] for i in mine]
+        prompts = [pr for pr in prompts for _ in range(p.images_per_prompt)]
+        group = torch.tensor(mine).repeat_interleave(p.images_per_prompt)
+        return prompts, group
+
+    @torch.no_grad()
+    def _sample(self, prompts, generator, desc: str) -> tuple[Trajectory, RewardOutput, float]:
+        """Rollouts in batches; each batch's reward runs in a thread while the next batch samples."""
+        texts, metas = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
+        embeds = self.policy.encode_prompts(texts)
+        bs = self.plan.sample_batch_size
+        trajectories, futures = [], []
+        wait = 0.0
+        bar = range(0, len(prompts), bs)
+        if self.cfg.trainer.progress_bar and self.is_main:
+            bar = tqdm(bar, desc=desc, leave=False)
+        for start in bar:
+            chunk = slice(start, start + bs)
+            traj = self.sampler.sample(
+                self.unet, self.policy.decode, embeds[chunk], self.negative_embeds, self.policy.latent_shape,
+                generator, self.algorithm.reduce_log_prob, autocast=self.accelerator.autocast,
+            )
+            futures.append(self.executor.submit(self.reward, traj.images, texts[chunk], metas[chunk]))
+            trajectories.append(traj)
+        t0 = time.perf_counter()
+        rewards = RewardOutput.cat([f.result() for f in futures])
+        wait += time.perf_counter() - t0
+        return _cat_trajectories(trajectories), rewards, wait
+
+    @torch.no_grad()
+    def _reference_log_probs(self, traj: Trajectory) -> torch.Tensor:
+        """reduce(log pi_ref(x_{j+1} | x_j, c)) for every step of every sample  [B, S, ...]."""
+        out = []
+        with self.policy.reference(self.unet) as ref_unet:
+            for start in range(0, traj.batch_size, self.plan.sample_batch_size):
+                rows = slice(start, start + self.plan.sample_batch_size)
+                per_step = []
+                for j, t in enumerate(traj.timesteps):
+                    with self.accelerator.autocast():
+                        lp = self.sampler.log_prob(
+                            ref_unet, traj.latents[rows, j], traj.latents[rows, j + 1], t.to(self.device),
+                            traj.prompt_embeds[rows], self.negative_embeds,
+                        )
+                    per_step.append(self.algorithm.reduce_log_prob(lp))
+                out.append(torch.stack(per_step, dim=1))
+        return torch.cat(out)
+
+    def _handle_nan(self, rollout: Rollout, rewards: RewardOutput) -> bool:
+        """True when the epoch must be skipped; stops the run (after saving) under on_nan_reward=stop."""
+        bad_local = ~torch.isfinite(rewards.scores)
+        if rewards.maps is not None:
+            bad_local |= ~torch.isfinite(rewards.maps.flatten(1)).all(dim=1)
+        n_bad = int(self.accelerator.gather(bad_local.sum().to(self.device).reshape(1)).sum())
+        if n_bad == 0:
+            return False
+        where = self.run_dir / "nan_rewards" / f"epoch_{self.epoch + 1:05d}"
+        if bad_local.any():
+            where.mkdir(parents=True, exist_ok=True)
+            tag = f"rank{self.accelerator.process_index}"
+            idx = torch.nonzero(bad_local).flatten().tolist()
+            from rlft.loggers import captioned_grid
+
+            captioned_grid(rollout.trajectory.images[idx], [rollout.prompts[i] for i in idx]).save(where / f"{tag}.png")
+            (where / f"{tag}.json").write_text(json.dumps([rollout.prompts[i] for i in idx], indent=1))
+        if self.cfg.trainer.on_nan_reward == NaNPolicy.skip:
+            return True
+        checkpoint = self.save_checkpoint()
+        raise RewardError(
+            f"reward {type(self.reward).__name__} returned NaN/inf for {n_bad} image(s) in epoch {self.epoch + 1}; "
+            f"images and prompts saved to {where}, state saved to {checkpoint}. Fix the reward, or set "
+            "trainer.on_nan_reward=skip to drop such epochs"
+        )
+
+    def train_epoch(self) -> dict[str, float]:
+        t_start = time.perf_counter()
+        rank, seed = self.accelerator.process_index, self.cfg.seed
+        prompts, group = self._prompts_for_epoch()
+        # SAMPLING (+ rewards in the background)
+        self.unet.eval()
+        sample_gen = seeded_generator(seed, self.epoch, rank, PURPOSE_SAMPLE)
+        traj, rewards, reward_wait = self._sample(prompts, sample_gen, f"epoch {self.epoch + 1}: sampling")
+        rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps)
+        if self.algorithm.needs_reference:
+            rollout.ref_log_probs = self._reference_log_probs(traj)
+        t_sampled = time.perf_counter()
+        comm = _Comm(self.accelerator)
+        global_rewards = comm.gather(rewards.scores)
+        metrics = {
+            "epoch": self.epoch + 1,
+            "reward/mean": float(global_rewards.mean()),
+            "reward/std": float(global_rewards.std(unbiased=False)),
+        }
+        for name, values in rewards.components.items():
+            if len(rewards.components) > 1:
+                metrics[f"reward/{name}/mean"] = float(comm.gather(values).mean())
+        if self._handle_nan(rollout, rewards):
+            metrics["reward/nan_epochs_skipped"] = 1.0
+            self.epoch += 1
+            return metrics
+        # PREPARE: advantages / pairs
+        metrics.update(self.algorithm.prepare(rollout, comm))
+        # TRAINING
+        self.unet.train()
+        train_gen = seeded_generator(seed, self.epoch, rank, PURPOSE_TRAIN)
+        metrics.update(self.algorithm.update(rollout, _Learner(self, train_gen)))
+        t_trained = time.perf_counter()
+        n_images = self.plan.samples_per_process * self.plan.world_size
+        metrics.update(
+            {
+                "perf/images_per_s": n_images / max(t_sampled - t_start, 1e-9),
+                "perf/sample_s": t_sampled - t_start - reward_wait,
+                "perf/reward_wait_s": reward_wait,
+                "perf/train_s": t_trained - t_sampled,
+                "perf/epoch_s": t_trained - t_start,
+            }
+        )
+        if self.is_main and self.cfg.trainer.log_images > 0:
+            k = min(self.cfg.trainer.log_images, traj.batch_size)
+            captions = [f"{rollout.prompts[i]} | r={float(rollout.rewards[i]):.3g}" for i in range(k)]
+            self.logger.log_images("samples", traj.images[:k], captions, step=self.epoch + 1)
+        self.epoch += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Reward on fixed held-out prompts with fixed noise (comparable across epochs and runs)."""
+        t = self.cfg.trainer
+        dataset = self.eval_dataset
+        prompts = dataset.evaluation_prompts(t.eval_num_prompts)
+        prompts = [p for p in prompts for _ in range(t.eval_images_per_prompt)]
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        mine = prompts[rank::world]
+        self.unet.eval()
+        scores, images, texts = [], [], []
+        gen = seeded_generator(self.cfg.seed, t.eval_seed, rank, PURPOSE_EVAL)
+        bs = self.plan.sample_batch_size
+        for start in range(0, len(mine), bs):
+            chunk = mine[start : start + bs]
+            embeds = self.policy.encode_prompts([p.text for p in chunk])
+            traj = self.sampler.sample(self.unet, self.policy.decode, embeds, self.negative_embeds,
+                                       self.policy.latent_shape, gen, self.algorithm.reduce_log_prob,
+                                       autocast=self.accelerator.autocast)
+            out = self.reward(traj.images, [p.text for p in chunk], [dict(p.metadata) for p in chunk])
+            scores.append(out.scores)
+            images.append(traj.images)
+            texts += [p.text for p in chunk]
+        local = torch.cat(scores) if scores else torch.zeros(0)
+        all_scores = torch.tensor([float(x) for x in gather_object(local.tolist())]) if world > 1 else local
+        if self.is_main and t.log_images > 0 and images:
+            k = min(t.log_images, len(texts))
+            caps = [f"{texts[i]} | r={float(local[i]):.3g}" for i in range(k)]
+            self.logger.log_images("eval", torch.cat(images)[:k], caps, step=self.epoch)
+        return {"epoch": self.epoch, "eval/reward/mean": float(all_scores.mean()),
+                "eval/reward/std": float(all_scores.std(unbiased=False))}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        checkpoint = self.resume_from()
+        if checkpoint is not None:
+            self._check_same_config(checkpoint)
+            self.accelerator.load_state(str(checkpoint))
+            self._print(f"resumed from {checkpoint} (epoch {self.epoch})")
+        resumed_epoch = self.epoch if checkpoint is not None else None
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.logger.start(self.run_dir, OmegaConf.to_container(cfg, resolve=True), resumed_epoch)
+        self._print(f"run directory: {self.run_dir}")
+        self._print(f"batch: {self.plan.describe()}")
+        last: dict[str, float] = {}
+        evaluate = self.eval_dataset is not None and t.eval_every > 0
+        if evaluate and self.epoch == 0:
+            self._log(self.evaluate())
+        while self.epoch < t.epochs:
+            metrics = self.train_epoch()
+            self._log(metrics)
+            last = metrics
+            if evaluate and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs):
+                last = {**last, **self._log(self.evaluate())}
+            if (t.checkpoint_every and self.epoch % t.checkpoint_every == 0) or self.epoch == t.epochs:
+                self.save_checkpoint()
+        if self.epoch >= t.epochs and not last:
+            self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")
+        if self.is_main:
+            self.logger.finish()
+        self.executor.shutdown()
+        self.accelerator.end_training()
+        return last
+
+    def _log(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.is_main:
+            self.logger.log(metrics, step=int(metrics["epoch"]))
+            shown = {k: v for k, v in metrics.items() if k.startswith(("reward/mean", "eval/reward/mean", "train/loss"))}
+            self._print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+        return metrics
+
+    def _print(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+
+def _cat_trajectories(items: list[Trajectory]) -> Trajectory:
+    first = items[0]
+    return Trajectory(
+        latents=torch.cat([t.latents for t in items]),
+        log_probs=torch.cat([t.log_probs for t in items]),
+        timesteps=first.timesteps,
+        stochastic=first.stochastic,
+        prompt_embeds=torch.cat([t.prompt_embeds for t in items]),
+        images=torch.cat([t.images for t in items]),
+    )
+
+
+def _config_diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain configs."""
+    if isinstance(a, DictConfig) and isinstance(b, DictConfig):
+        keys = sorted(set(a.keys()) | set(b.keys()))
+        out = []
+        for k in keys:
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
+    return [] if same else [prefix.rstrip(".")]
