@@ -121,9 +121,12 @@ def _omegaconf_type(annotation: Any) -> Any:
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if len(non_none) == 1:
-            inner = _omegaconf_type(non_none[0])
-            return Optional[inner] if inner is not Any else Any
+        simple = [a for a in non_none if a in _SIMPLE]
+        if len(non_none) == 1 or len(simple) == 1:  # e.g. lr: Union[float, Tensor] -> float
+            inner = _omegaconf_type(simple[0] if len(simple) == 1 else non_none[0])
+            if inner is Any or len(non_none) == len(args):
+                return inner
+            return Optional[inner]
         return Any
     if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
         inner = _omegaconf_type(args[0]) if args else Any

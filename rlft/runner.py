@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -42,6 +43,18 @@ TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_MARKER = "run_state.json"
 RESUME_IGNORED_KEYS = ("resume", "trainer.epochs", "trainer.eval_every", "trainer.checkpoint_every",
                        "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.log_images", "logger")
+
+
+def build(node: DictConfig, group: str):
+    """``hydra.utils.instantiate`` whose errors name the config group instead of wrapping the cause."""
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, RlftError):
+            raise cause from None
+        detail = str(cause) if cause is not None else str(exc)
+        raise ConfigError(group, f"cannot build {node.get('_target_')}: {detail.strip().splitlines()[0]}") from None
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -191,18 +204,18 @@ class Runner:
             torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
             torch.backends.cudnn.allow_tf32 = t.allow_tf32
         # cheap components first: config mistakes surface before any weights load
-        self.dataset: PromptDataset = instantiate(cfg.dataset)
-        self.eval_dataset: PromptDataset | None = instantiate(cfg.eval_dataset) if cfg.eval_dataset else None
-        self.algorithm: Algorithm = instantiate(cfg.algorithm)
+        self.dataset: PromptDataset = build(cfg.dataset, "dataset")
+        self.eval_dataset: PromptDataset | None = build(cfg.eval_dataset, "eval_dataset") if cfg.eval_dataset else None
+        self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
-        self.reward: Reward = instantiate(cfg.reward)
+        self.reward: Reward = build(cfg.reward, "reward")
         if self.algorithm.needs_reward_maps and not self.reward.gives_maps:
             raise ConfigError("reward", f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
                               f"'{type(self.reward).__name__}' gives only scalar scores")
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
-        self.logger = instantiate(cfg.logger) if self.is_main else None
+        self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy
-        self.policy: DiffusionPolicy = instantiate(cfg.model)
+        self.policy: DiffusionPolicy = build(cfg.model, "model")
         self.reward.to(self.device)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         if self.device.type == "cpu":
@@ -216,7 +229,7 @@ class Runner:
         )
         self.negative_embeds = self.policy.encode_prompts([cfg.sampler.negative_prompt])  # [1, L, D]
         self.params = self.policy.trainable_parameters()
-        optimizer = instantiate(cfg.optimizer)(self.params)
+        optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
         self.accelerator.register_load_state_pre_hook(self._load_trainable)

@@ -1,0 +1,106 @@
+"""Every option of every group composes and validates; bad input gets one clear line, no stack trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from rlft.config import register_configs, validate
+from rlft.errors import ConfigError
+from tests.conftest import REPO, run_cli
+
+CONF = REPO / "conf"
+GROUPS = ["model", "reward", "algorithm", "dataset", "sampler", "trainer", "optimizer", "logger"]
+
+
+def _compose(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_validates(group, tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n")
+    for option in _options(group):
+        overrides = [f"{group}={option}"]
+        if group == "dataset" and option == "file":
+            overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
+        cfg = _compose(overrides)
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(cfg)
+        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        validate(cfg)
+
+
+def test_every_experiment_composes(tmp_path):
+    for exp in sorted(p.stem for p in (REPO / "experiments").glob("*.yaml")):
+        cfg = _compose([f"experiment={exp}"])
+        assert cfg.trainer.epochs >= 1
+
+
+def test_root_config_and_batch_comment():
+    cfg = _compose([])
+    assert cfg.trainer.prompts_per_epoch * cfg.trainer.images_per_prompt == 32
+    assert cfg.algorithm._target_ == "rlft.algorithms.ddpo.DDPO"
+
+
+def test_validate_names_unknown_and_mistyped_keys():
+    cfg = _compose(["+algorithm.clip_rnage=0.1"])
+    with pytest.raises(ConfigError, match=r"algorithm.clip_rnage: unknown key .*known keys: estimator, clip_range"):
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    cfg = _compose(["algorithm.num_inner_epochs=two"])
+    with pytest.raises(ConfigError, match="algorithm.num_inner_epochs"):
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    cfg = _compose(["algorithm.estimator=ppo2"])
+    with pytest.raises(ConfigError, match=r"algorithm.estimator: 'ppo2' is not one of \['ppo', 'sf'\]"):
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+
+def _assert_clean_error(result, *needles: str, code: int = 2):
+    err = result.stderr
+    assert result.returncode == code, (result.returncode, err[-2000:])
+    assert "Traceback" not in err and "Traceback" not in result.stdout, err[-3000:]
+    for needle in needles:
+        assert needle in err, err[-2000:]
+
+
+BAD_INPUTS = [
+    # (overrides, expected fragments, exit code)
+    (["algorithm=ddpoo"], ["Could not find 'algorithm/ddpoo'", "ddpo_sf"], 1),
+    (["trainer.epochs=many"], ["trainer.epochs", "many"], 1),
+    (["trainer.epoks=3"], ["epoks"], 1),
+    (["+model.lora_rnk=8"], ["model.lora_rnk: unknown key", "lora_rank"], 2),
+    (["optimizer.lr=fast"], ["rlft: error:"], 2),
+    (["trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
+     ["sampler.batch_size: 4 does not divide the 6 samples per process"], 2),
+    (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
+    (["sampler.eta=0"], ["sampler.eta"], 2),
+    (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
+]
+
+
+@pytest.mark.parametrize("overrides,needles,code", BAD_INPUTS, ids=[" ".join(b[0]) for b in BAD_INPUTS])
+def test_bad_input_one_clear_message(overrides, needles, code, cache_dir, tmp_path):
+    result = run_cli([f"paths.output_root={tmp_path}", *overrides], cache_dir, timeout=300)
+    _assert_clean_error(result, *needles, code=code)
+
+
+def test_empty_and_missing_prompt_files(cache_dir, tmp_path: Path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={empty}"], cache_dir)
+    _assert_clean_error(result, "dataset.path", "holds no prompts")
+    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={tmp_path}/nope.txt"],
+                     cache_dir)
+    _assert_clean_error(result, "does not exist")
+    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file"], cache_dir)
+    _assert_clean_error(result, "dataset.path")
