@@ -12,6 +12,7 @@ import json
 import math
 import netrc
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,7 @@ class WandbLogger(LocalLogger):
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
         id_file = self.run_dir / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=self.project,

@@ -197,7 +197,8 @@ class Runner:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         t = cfg.trainer
-        self.accelerator = Accelerator(mixed_precision=t.mixed_precision)
+        # without CUDA, processes started by `accelerate launch --multi_gpu` or torchrun train on CPU (gloo)
+        self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
         if torch.cuda.is_available():

@@ -1,0 +1,117 @@
+"""End to end: DDPO really optimises, resume is exact, two processes share statistics, NaN rewards stop cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from rlft.data import PackagedPrompts, PromptStream
+from tests.conftest import FAST, REPO, read_metrics, run_cli
+
+VOCABULARY = {"epoch", "reward/mean", "reward/std", "train/loss", "train/approx_kl", "train/clipfrac",
+              "train/grad_norm", "perf/images_per_s", "perf/sample_s", "perf/train_s", "perf/epoch_s"}
+
+
+def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
+    """Fixed seed, 8 epochs of 16 samples: the evaluation reward (fixed prompts and noise) goes up."""
+    result = run_cli([f"paths.output_root={tmp_path}", "run_name=ddpo", "experiment=ddpo_tiny_cpu",
+                      "trainer.epochs=8", "trainer.eval_every=8", "logger=wandb"], cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "ddpo"
+    rows = read_metrics(run)
+    evals = [r["eval/reward/mean"] for r in rows if "eval/reward/mean" in r]
+    train = [r for r in rows if "reward/mean" in r]
+    assert len(evals) == 2 and len(train) == 8
+    assert evals[1] > evals[0] + 0.03, evals  # about -1.43 -> -1.36 with this seed
+    assert sum(r["reward/mean"] for r in train[-3:]) / 3 > sum(r["reward/mean"] for r in train[:3]) / 3
+    assert VOCABULARY <= set(train[0])
+    assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_00008.png").exists()
+    assert (run / "checkpoints" / "epoch_00008" / "trainable.safetensors").exists()
+    assert "wandb: offline run" in result.stdout and any((run / "wandb").glob("offline-run-*"))
+
+
+def _strip_perf(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
+    common = [f"paths.output_root={tmp_path}", *FAST, "trainer.epochs=6", "trainer.checkpoint_every=2",
+              "trainer.eval_every=3", "sampler.num_steps=6"]
+    full = run_cli([*common, "run_name=straight"], cache_dir)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    env = {**os.environ, "RLFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "rlft", "trainer.progress_bar=false", *common, "run_name=killed"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = tmp_path / "killed" / "checkpoints" / "epoch_00002" / "run_state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / "checkpoints" / "epoch_00006").exists()
+
+    resumed = run_cli([*common, "run_name=killed", "resume=auto"], cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
+    b = load_file(tmp_path / "killed" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / "killed"))
+
+    again = run_cli([*common, "run_name=killed", "resume=never"], cache_dir)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+
+
+def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    # accelerate's --cpu flag starts a single process; --multi_gpu spawns torchrun workers, which train on
+    # the CPU (gloo) when no GPU is present
+    launcher = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no"]
+    args = [f"paths.output_root={tmp_path}", "run_name=ddp", *FAST, "trainer.prompts_per_epoch=4",
+            "trainer.images_per_prompt=2", "trainer.train_batch_size=2", "sampler.batch_size=4",
+            "sampler.num_steps=4", "trainer.epochs=2", "trainer.eval_every=0", "algorithm.stat_min_count=2"]
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        result = run_cli(args, cache_dir, launcher=launcher)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "(4 per process x 2 processes)" in result.stdout
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "custom_checkpoint_0.pkl",
+                       weights_only=False)
+    tracked = {prompt: values for prompt, values in state["algorithm"]["tracker"]["stats"]}
+    # every prompt drawn in either epoch, by either process, is in the (main process's) tracker
+    stream, data = PromptStream(PackagedPrompts("simple_animals"), seed=0), PackagedPrompts("simple_animals")
+    drawn = [data[i].text for i in stream.next_indices(4) + stream.next_indices(4)]
+    assert set(tracked) == set(drawn)
+    assert sum(len(v) for v in tracked.values()) == 2 * 4 * 2  # 2 epochs x 4 prompts x 2 images
+    assert len(read_metrics(tmp_path / "ddp")) == 2
+
+
+def test_nan_reward_stops_after_saving_or_skips(cache_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("cat\ndog\n")
+    common = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=2",
+              "trainer.eval_every=0", "dataset=file", f"dataset.path={prompts}",
+              "reward._target_=tests.helpers.NaNForPrompt", "~reward.quality", "+reward.prompt=cat"]
+    stop = run_cli([*common, "run_name=stop"], cache_dir)
+    assert stop.returncode == 3, stop.stderr[-3000:]
+    assert "Traceback" not in stop.stderr and "returned NaN/inf for 8 image(s) in epoch 1" in stop.stderr
+    assert "trainer.on_nan_reward=skip" in stop.stderr
+    assert (tmp_path / "stop" / "checkpoints" / "epoch_00000" / "run_state.json").exists()
+    assert (tmp_path / "stop" / "nan_rewards" / "epoch_00001" / "rank0.png").exists()
+
+    skip = run_cli([*common, "run_name=skip", "trainer.on_nan_reward=skip"], cache_dir)
+    assert skip.returncode == 0, skip.stderr[-3000:]
+    rows = read_metrics(tmp_path / "skip")
+    assert [r.get("reward/nan_epochs_skipped") for r in rows] == [1.0, 1.0]
