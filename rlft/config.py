@@ -71,6 +71,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     log_images: int = 8  # sample images written per epoch (0 disables)
     on_nan_reward: NaNPolicy = NaNPolicy.stop
+    async_reward: bool = True  # score batch k while batch k+1 samples (GPU; inline on CPU)
     progress_bar: bool = True
 
 

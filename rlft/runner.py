@@ -16,7 +16,7 @@ import json
 import math
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,7 +235,10 @@ class Runner:
         self.accelerator.register_save_state_pre_hook(self._save_trainable)
         self.accelerator.register_load_state_pre_hook(self._load_trainable)
         self.accelerator.register_for_checkpointing(_RunState(self))
-        self.executor = ThreadPoolExecutor(max_workers=1)  # rewards overlap the next sampling batch
+        # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
+        # (two OpenMP thread teams on one set of cores halve the sampler's speed), so they run inline
+        overlap = t.async_reward and self.device.type != "cpu"
+        self.executor = ThreadPoolExecutor(max_workers=1) if overlap else _InlineExecutor()
         self.epoch = 0  # completed epochs
 
     # ------------------------------------------------------------------ checkpoints
@@ -511,6 +514,21 @@ class Runner:
     def _print(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
+
+
+class _InlineExecutor:
+    """ThreadPoolExecutor's submit/shutdown, run in the calling thread."""
+
+    def submit(self, fn, *args, **kwargs) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # re-raised by future.result(), as with a thread
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
 
 
 def _cat_trajectories(items: list[Trajectory]) -> Trajectory:

@@ -1,0 +1,136 @@
+"""`make bench`: speed and memory of the rollout and the update on this machine.
+
+Prints, for model=tiny_random (LoRA, 20 DDIM steps, CFG 5):
+  * sampling images/s, and our rollout against a bare diffusers loop making the same
+    UNet calls (``scheduler.step``, no log-probs): the overhead of recording a trajectory;
+  * DDPO training images/s (every step of every sample, forward + backward);
+  * one full epoch through the runner split into sampling / reward wait / training;
+  * peak memory (resident set on CPU, allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _timeit(fn, repeat: int) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_rollout(policy, steps: int, batch: int, repeat: int) -> dict[str, float]:
+    from rlft.sampling import Sampler, make_scheduler
+
+    device = policy.unet.device
+    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), steps, 1.0, 5.0)
+    embeds = policy.encode_prompts(["a cat"] * batch)
+    neg = policy.encode_prompts([""])
+    unet = policy.unet.eval()
+
+    def ours():
+        sampler.sample(unet, policy.decode, embeds, neg, policy.latent_shape, torch.Generator().manual_seed(0),
+                       lambda lp: lp.mean(dim=(1, 2, 3)))
+
+    scheduler = make_scheduler("ddim", policy.scheduler_config)
+    scheduler.set_timesteps(steps)
+
+    @torch.no_grad()
+    def bare():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn((batch, *policy.latent_shape), generator=g).to(device)
+        emb = torch.cat([neg.expand(batch, -1, -1), embeds])
+        for t in scheduler.timesteps:
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
+            u, c = eps.chunk(2)
+            x = scheduler.step(u + 5.0 * (c - u), t, x, eta=1.0, generator=g).prev_sample
+        policy.decode(x)
+
+    t_ours, t_bare = _timeit(ours, repeat), _timeit(bare, repeat)
+    return {
+        "sample_images_per_s": batch / t_ours,
+        "bare_diffusers_images_per_s": batch / t_bare,
+        "rollout_overhead_pct": 100 * (t_ours / t_bare - 1),
+    }
+
+
+def bench_epoch(cache: Path, steps: int, out: Path) -> dict[str, float]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from rlft.config import register_configs, validate
+    from rlft.runner import Runner
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    overrides = [f"paths.output_root={out}", f"paths.cache_dir={cache}", f"sampler.num_steps={steps}",
+                 "trainer.progress_bar=false", "trainer.log_images=0", "resume=never", "run_name=bench"]
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    validate(cfg)
+    runner = Runner(cfg, out / "bench")
+    runner.logger.start(runner.run_dir, {}, None)
+    runner.train_epoch()  # warm-up
+    m = runner.train_epoch()
+    n = runner.plan.samples_per_process * runner.plan.world_size
+    return {
+        "epoch_samples": n,
+        "epoch_s": m["perf/epoch_s"],
+        "epoch_sample_s": m["perf/sample_s"],
+        "epoch_reward_wait_s": m["perf/reward_wait_s"],
+        "epoch_train_s": m["perf/train_s"],
+        "train_images_per_s": n / m["perf/train_s"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    from rlft.models import DiffusionPolicy, build_atomically, build_tiny_random
+
+    cache = Path(os.environ.get("RLFT_CACHE", Path.home() / ".cache" / "rlft"))
+    path = cache / "tiny_random_v1"
+    if not path.exists():
+        build_atomically(build_tiny_random, str(path))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    policy = DiffusionPolicy.from_pretrained(str(path)).to(device)
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}, model: tiny_random (LoRA)")
+    results = bench_rollout(policy, args.steps, args.batch, args.repeat)
+    with tempfile.TemporaryDirectory() as tmp:
+        results.update(bench_epoch(cache, args.steps, Path(tmp)))
+    results["peak_memory_mb"] = _peak_memory_mb()
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
