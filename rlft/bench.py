@@ -46,8 +46,15 @@ def bench_rollout(policy, steps: int, batch: int, repeat: int) -> dict[str, floa
     unet = policy.unet.eval()
 
     def ours():
-        sampler.sample(unet, policy.decode, embeds, neg, policy.latent_shape, torch.Generator().manual_seed(0),
-                       lambda lp: lp.mean(dim=(1, 2, 3)))
+        sampler.sample(
+            unet,
+            policy.decode,
+            embeds,
+            neg,
+            policy.latent_shape,
+            torch.Generator().manual_seed(0),
+            lambda lp: lp.mean(dim=(1, 2, 3)),
+        )
 
     scheduler = make_scheduler("ddim", policy.scheduler_config)
     scheduler.set_timesteps(steps)
@@ -80,8 +87,15 @@ def bench_epoch(cache: Path, steps: int, out: Path) -> dict[str, float]:
 
     register_configs()
     conf = Path(__file__).resolve().parents[1] / "conf"
-    overrides = [f"paths.output_root={out}", f"paths.cache_dir={cache}", f"sampler.num_steps={steps}",
-                 "trainer.progress_bar=false", "trainer.log_images=0", "resume=never", "run_name=bench"]
+    overrides = [
+        f"paths.output_root={out}",
+        f"paths.cache_dir={cache}",
+        f"sampler.num_steps={steps}",
+        "trainer.progress_bar=false",
+        "trainer.log_images=0",
+        "resume=never",
+        "run_name=bench",
+    ]
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)

@@ -127,7 +127,7 @@ def _omegaconf_type(annotation: Any) -> Any:
             inner = _omegaconf_type(simple[0] if len(simple) == 1 else non_none[0])
             if inner is Any or len(non_none) == len(args):
                 return inner
-            return Optional[inner]
+            return Optional[inner]  # noqa: UP045 (OmegaConf reads typing.Optional, not X | None)
         return Any
     if origin in (list, tuple, typing.Sequence) or annotation in (list, tuple):
         inner = _omegaconf_type(args[0]) if args else Any

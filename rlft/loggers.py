@@ -106,9 +106,7 @@ class WandbLogger(LocalLogger):
         import wandb
 
         path = super().log_images(key, images, captions, step)
-        self.run.log(
-            {key: [wandb.Image(_to_pil(img), caption=cap) for img, cap in zip(images, captions)]}, step=step
-        )
+        self.run.log({key: [wandb.Image(_to_pil(img), caption=cap) for img, cap in zip(images, captions)]}, step=step)
         return path
 
     def finish(self) -> None:

@@ -104,7 +104,7 @@ class DiffusionPolicy:
                 requires_safety_checker=False,
                 local_files_only=local or None,
             )
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
                 "model.path",

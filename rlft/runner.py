@@ -41,8 +41,16 @@ from rlft.sampling import Sampler, Trajectory, make_scheduler
 
 TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_MARKER = "run_state.json"
-RESUME_IGNORED_KEYS = ("resume", "trainer.epochs", "trainer.eval_every", "trainer.checkpoint_every",
-                       "trainer.keep_checkpoints", "trainer.progress_bar", "trainer.log_images", "logger")
+RESUME_IGNORED_KEYS = (
+    "resume",
+    "trainer.epochs",
+    "trainer.eval_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.progress_bar",
+    "trainer.log_images",
+    "logger",
+)
 
 
 def build(node: DictConfig, group: str):
@@ -108,8 +116,16 @@ class BatchPlan:
                 f"({ppp} prompts x {t.images_per_prompt} images)",
             )
         algorithm.check(spp, t.train_batch_size, t.gradient_accumulation_steps)
-        return cls(world_size, t.prompts_per_epoch, t.images_per_prompt, ppp, spp, s.batch_size,
-                   t.train_batch_size, t.gradient_accumulation_steps)
+        return cls(
+            world_size,
+            t.prompts_per_epoch,
+            t.images_per_prompt,
+            ppp,
+            spp,
+            s.batch_size,
+            t.train_batch_size,
+            t.gradient_accumulation_steps,
+        )
 
     def describe(self) -> str:
         total = self.prompts_per_epoch * self.images_per_prompt
@@ -211,8 +227,11 @@ class Runner:
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
         self.reward: Reward = build(cfg.reward, "reward")
         if self.algorithm.needs_reward_maps and not self.reward.gives_maps:
-            raise ConfigError("reward", f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
-                              f"'{type(self.reward).__name__}' gives only scalar scores")
+            raise ConfigError(
+                "reward",
+                f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
+                f"'{type(self.reward).__name__}' gives only scalar scores",
+            )
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
         self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy
@@ -226,7 +245,9 @@ class Runner:
             self.policy.keep_reference()
         self.sampler = Sampler(
             make_scheduler(cfg.sampler.scheduler, self.policy.scheduler_config),
-            cfg.sampler.num_steps, cfg.sampler.eta, cfg.sampler.guidance_scale,
+            cfg.sampler.num_steps,
+            cfg.sampler.eta,
+            cfg.sampler.guidance_scale,
         )
         self.negative_embeds = self.policy.encode_prompts([cfg.sampler.negative_prompt])  # [1, L, D]
         self.params = self.policy.trainable_parameters()
@@ -294,8 +315,11 @@ class Runner:
             return latest
         path = Path(mode).expanduser()
         if not (path / COMPLETE_MARKER).exists():
-            raise ConfigError("resume", f"'{mode}' is not a complete checkpoint directory",
-                              f"use auto, never, or a directory holding {COMPLETE_MARKER}")
+            raise ConfigError(
+                "resume",
+                f"'{mode}' is not a complete checkpoint directory",
+                f"use auto, never, or a directory holding {COMPLETE_MARKER}",
+            )
         return path
 
     def _check_same_config(self, checkpoint: Path) -> None:
@@ -334,8 +358,14 @@ class Runner:
         for start in bar:
             chunk = slice(start, start + bs)
             traj = self.sampler.sample(
-                self.unet, self.policy.decode, embeds[chunk], self.negative_embeds, self.policy.latent_shape,
-                generator, self.algorithm.reduce_log_prob, autocast=self.accelerator.autocast,
+                self.unet,
+                self.policy.decode,
+                embeds[chunk],
+                self.negative_embeds,
+                self.policy.latent_shape,
+                generator,
+                self.algorithm.reduce_log_prob,
+                autocast=self.accelerator.autocast,
             )
             futures.append(self.executor.submit(self.reward, traj.images, texts[chunk], metas[chunk]))
             trajectories.append(traj)
@@ -355,8 +385,12 @@ class Runner:
                 for j, t in enumerate(traj.timesteps):
                     with self.accelerator.autocast():
                         lp = self.sampler.log_prob(
-                            ref_unet, traj.latents[rows, j], traj.latents[rows, j + 1], t.to(self.device),
-                            traj.prompt_embeds[rows], self.negative_embeds,
+                            ref_unet,
+                            traj.latents[rows, j],
+                            traj.latents[rows, j + 1],
+                            t.to(self.device),
+                            traj.prompt_embeds[rows],
+                            self.negative_embeds,
                         )
                     per_step.append(self.algorithm.reduce_log_prob(lp))
                 out.append(torch.stack(per_step, dim=1))
@@ -454,9 +488,16 @@ class Runner:
         for start in range(0, len(mine), bs):
             chunk = mine[start : start + bs]
             embeds = self.policy.encode_prompts([p.text for p in chunk])
-            traj = self.sampler.sample(self.unet, self.policy.decode, embeds, self.negative_embeds,
-                                       self.policy.latent_shape, gen, self.algorithm.reduce_log_prob,
-                                       autocast=self.accelerator.autocast)
+            traj = self.sampler.sample(
+                self.unet,
+                self.policy.decode,
+                embeds,
+                self.negative_embeds,
+                self.policy.latent_shape,
+                gen,
+                self.algorithm.reduce_log_prob,
+                autocast=self.accelerator.autocast,
+            )
             out = self.reward(traj.images, [p.text for p in chunk], [dict(p.metadata) for p in chunk])
             scores.append(out.scores)
             images.append(traj.images)
@@ -467,8 +508,11 @@ class Runner:
             k = min(t.log_images, len(texts))
             caps = [f"{texts[i]} | r={float(local[i]):.3g}" for i in range(k)]
             self.logger.log_images("eval", torch.cat(images)[:k], caps, step=self.epoch)
-        return {"epoch": self.epoch, "eval/reward/mean": float(all_scores.mean()),
-                "eval/reward/std": float(all_scores.std(unbiased=False))}
+        return {
+            "epoch": self.epoch,
+            "eval/reward/mean": float(all_scores.mean()),
+            "eval/reward/std": float(all_scores.std(unbiased=False)),
+        }
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
@@ -507,7 +551,8 @@ class Runner:
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_main:
             self.logger.log(metrics, step=int(metrics["epoch"]))
-            shown = {k: v for k, v in metrics.items() if k.startswith(("reward/mean", "eval/reward/mean", "train/loss"))}
+            headline = ("reward/mean", "eval/reward/mean", "train/loss")
+            shown = {k: v for k, v in metrics.items() if k.startswith(headline)}
             self._print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         return metrics
 

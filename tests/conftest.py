@@ -41,8 +41,14 @@ def tiny_policy(tiny_path):
 
 def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, launcher: list[str] | None = None):
     """Run `python -m rlft <args>` in a subprocess (offline, no progress bars)."""
-    env = {**os.environ, "RLFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
-           "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    env = {
+        **os.environ,
+        "RLFT_CACHE": str(cache_dir),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(REPO),
+        "HYDRA_FULL_ERROR": "0",
+    }
     cmd = (launcher or [sys.executable]) + ["-m", "rlft", "trainer.progress_bar=false", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

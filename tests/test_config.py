@@ -80,8 +80,11 @@ BAD_INPUTS = [
     (["trainer.epoks=3"], ["epoks"], 1),
     (["+model.lora_rnk=8"], ["model.lora_rnk: unknown key", "lora_rank"], 2),
     (["optimizer.lr=fast"], ["rlft: error:"], 2),
-    (["trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
-     ["sampler.batch_size: 4 does not divide the 6 samples per process"], 2),
+    (
+        ["trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
+        ["sampler.batch_size: 4 does not divide the 6 samples per process"],
+        2,
+    ),
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
@@ -99,8 +102,7 @@ def test_empty_and_missing_prompt_files(cache_dir, tmp_path: Path):
     empty.write_text("\n")
     result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={empty}"], cache_dir)
     _assert_clean_error(result, "dataset.path", "holds no prompts")
-    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={tmp_path}/nope.txt"],
-                     cache_dir)
+    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={tmp_path}/nope.txt"], cache_dir)
     _assert_clean_error(result, "does not exist")
     result = run_cli([f"paths.output_root={tmp_path}", "dataset=file"], cache_dir)
     _assert_clean_error(result, "dataset.path")

@@ -96,8 +96,14 @@ class _RecordingContext:
 
 def _rollout(B=8, S=6, stochastic=None):
     stochastic = torch.ones(S, dtype=torch.bool) if stochastic is None else stochastic
-    traj = Trajectory(torch.zeros(B, S + 1, 1, 1, 1), torch.zeros(B, S), torch.arange(S), stochastic,
-                      torch.zeros(B, 1, 1), torch.zeros(B, 3, 2, 2))
+    traj = Trajectory(
+        torch.zeros(B, S + 1, 1, 1, 1),
+        torch.zeros(B, S),
+        torch.arange(S),
+        stochastic,
+        torch.zeros(B, 1, 1),
+        torch.zeros(B, 3, 2, 2),
+    )
     rollout = Rollout(traj, [f"p{i // 2}" for i in range(B)], torch.arange(B) // 2, torch.arange(B).float())
     return rollout
 

@@ -92,12 +92,20 @@ def test_recorded_log_probs_equal_recomputed(tiny_policy):
     sampler = Sampler(make_scheduler("ddim", p.scheduler_config), 6, 1.0, 5.0)
     embeds = p.encode_prompts(["cat", "dog", "cow"])
     neg = p.encode_prompts([""])
-    traj = sampler.sample(p.unet, p.decode, embeds, neg, p.latent_shape, torch.Generator().manual_seed(0),
-                          lambda lp: lp.sum(dim=(1, 2, 3)))
+    traj = sampler.sample(
+        p.unet,
+        p.decode,
+        embeds,
+        neg,
+        p.latent_shape,
+        torch.Generator().manual_seed(0),
+        lambda lp: lp.sum(dim=(1, 2, 3)),
+    )
     assert traj.latents.shape == (3, 7, *p.latent_shape) and traj.log_probs.shape == (3, 6)
     assert traj.images.shape == (3, 3, 32, 32) and 0 <= float(traj.images.min()) <= float(traj.images.max()) <= 1
     with torch.no_grad():
         for j in range(6):
-            lp = sampler.log_prob(p.unet, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j].expand(3),
-                                  embeds, neg).sum(dim=(1, 2, 3))
+            lp = sampler.log_prob(
+                p.unet, traj.latents[:, j], traj.latents[:, j + 1], traj.timesteps[j].expand(3), embeds, neg
+            ).sum(dim=(1, 2, 3))
             torch.testing.assert_close(lp, traj.log_probs[:, j], rtol=1e-4, atol=1e-3)

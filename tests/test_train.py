@@ -15,14 +15,34 @@ from safetensors.torch import load_file
 from rlft.data import PackagedPrompts, PromptStream
 from tests.conftest import FAST, REPO, read_metrics, run_cli
 
-VOCABULARY = {"epoch", "reward/mean", "reward/std", "train/loss", "train/approx_kl", "train/clipfrac",
-              "train/grad_norm", "perf/images_per_s", "perf/sample_s", "perf/train_s", "perf/epoch_s"}
+VOCABULARY = {
+    "epoch",
+    "reward/mean",
+    "reward/std",
+    "train/loss",
+    "train/approx_kl",
+    "train/clipfrac",
+    "train/grad_norm",
+    "perf/images_per_s",
+    "perf/sample_s",
+    "perf/train_s",
+    "perf/epoch_s",
+}
 
 
 def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     """Fixed seed, 8 epochs of 16 samples: the evaluation reward (fixed prompts and noise) goes up."""
-    result = run_cli([f"paths.output_root={tmp_path}", "run_name=ddpo", "experiment=ddpo_tiny_cpu",
-                      "trainer.epochs=8", "trainer.eval_every=8", "logger=wandb"], cache_dir)
+    result = run_cli(
+        [
+            f"paths.output_root={tmp_path}",
+            "run_name=ddpo",
+            "experiment=ddpo_tiny_cpu",
+            "trainer.epochs=8",
+            "trainer.eval_every=8",
+            "logger=wandb",
+        ],
+        cache_dir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "ddpo"
     rows = read_metrics(run)
@@ -42,8 +62,14 @@ def _strip_perf(rows):
 
 
 def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
-    common = [f"paths.output_root={tmp_path}", *FAST, "trainer.epochs=6", "trainer.checkpoint_every=2",
-              "trainer.eval_every=3", "sampler.num_steps=6"]
+    common = [
+        f"paths.output_root={tmp_path}",
+        *FAST,
+        "trainer.epochs=6",
+        "trainer.checkpoint_every=2",
+        "trainer.eval_every=3",
+        "sampler.num_steps=6",
+    ]
     full = run_cli([*common, "run_name=straight"], cache_dir)
     assert full.returncode == 0, full.stderr[-3000:]
 
@@ -75,11 +101,32 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     # accelerate's --cpu flag starts a single process; --multi_gpu spawns torchrun workers, which train on
     # the CPU (gloo) when no GPU is present
-    launcher = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no"]
-    args = [f"paths.output_root={tmp_path}", "run_name=ddp", *FAST, "trainer.prompts_per_epoch=4",
-            "trainer.images_per_prompt=2", "trainer.train_batch_size=2", "sampler.batch_size=4",
-            "sampler.num_steps=4", "trainer.epochs=2", "trainer.eval_every=0", "algorithm.stat_min_count=2"]
+    launcher = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    args = [
+        f"paths.output_root={tmp_path}",
+        "run_name=ddp",
+        *FAST,
+        "trainer.prompts_per_epoch=4",
+        "trainer.images_per_prompt=2",
+        "trainer.train_batch_size=2",
+        "sampler.batch_size=4",
+        "sampler.num_steps=4",
+        "trainer.epochs=2",
+        "trainer.eval_every=0",
+        "algorithm.stat_min_count=2",
+    ]
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         result = run_cli(args, cache_dir, launcher=launcher)
@@ -87,8 +134,7 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
         os.environ.pop("OMP_NUM_THREADS")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(4 per process x 2 processes)" in result.stdout
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "custom_checkpoint_0.pkl",
-                       weights_only=False)
+    state = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "custom_checkpoint_0.pkl", weights_only=False)
     tracked = {prompt: values for prompt, values in state["algorithm"]["tracker"]["stats"]}
     # every prompt drawn in either epoch, by either process, is in the (main process's) tracker
     stream, data = PromptStream(PackagedPrompts("simple_animals"), seed=0), PackagedPrompts("simple_animals")
@@ -101,9 +147,18 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
 def test_nan_reward_stops_after_saving_or_skips(cache_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("cat\ndog\n")
-    common = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=2",
-              "trainer.eval_every=0", "dataset=file", f"dataset.path={prompts}",
-              "reward._target_=tests.helpers.NaNForPrompt", "~reward.quality", "+reward.prompt=cat"]
+    common = [
+        f"paths.output_root={tmp_path}",
+        *FAST,
+        "sampler.num_steps=4",
+        "trainer.epochs=2",
+        "trainer.eval_every=0",
+        "dataset=file",
+        f"dataset.path={prompts}",
+        "reward._target_=tests.helpers.NaNForPrompt",
+        "~reward.quality",
+        "+reward.prompt=cat",
+    ]
     stop = run_cli([*common, "run_name=stop"], cache_dir)
     assert stop.returncode == 3, stop.stderr[-3000:]
     assert "Traceback" not in stop.stderr and "returned NaN/inf for 8 image(s) in epoch 1" in stop.stderr

@@ -77,7 +77,9 @@ class PackagedPrompts(PromptList):
             lines = _packaged_lines(name)
         except FileNotFoundError:
             known = sorted(p.stem for p in Path(__file__).parent.joinpath("prompts").glob("*.txt"))
-            raise ConfigError("dataset.name", f"no packaged prompt set '{name}'", f"known: {', '.join(known)}") from None
+            raise ConfigError(
+                "dataset.name", f"no packaged prompt set '{name}'", f"known: {', '.join(known)}"
+            ) from None
         super().__init__(lines, template=template, name=name)
 
 
@@ -130,9 +132,7 @@ class PromptFile(PromptDataset):
             raise ConfigError(
                 "dataset.column", f"'{column}' is not a field of '{path}'", f"fields: {', '.join(rows[0])}"
             )
-        self.prompts = [
-            Prompt(str(r[column]).strip(), {k: v for k, v in r.items() if k != column}) for r in rows
-        ]
+        self.prompts = [Prompt(str(r[column]).strip(), {k: v for k, v in r.items() if k != column}) for r in rows]
         self.prompts = [pr for pr in self.prompts if pr.text]
         if not self.prompts:
             raise ConfigError("dataset.path", f"prompt file '{path}' holds only empty prompts")
@@ -182,9 +182,7 @@ class PromptStream:
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         if state["size"] != len(self.dataset):
-            raise ConfigError(
-                "dataset", f"holds {len(self.dataset)} prompts but the checkpoint's held {state['size']}"
-            )
+            raise ConfigError("dataset", f"holds {len(self.dataset)} prompts but the checkpoint's held {state['size']}")
         self.position = int(state["position"])
 
 

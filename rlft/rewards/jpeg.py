@@ -1,7 +1,7 @@
 """JPEG (in)compressibility (Black et al. 2023, DDPO).
 
-    jpeg_incompressibility(x) = size of JPEG(x, quality=95) in kB (bytes / 1000)
-    jpeg_compressibility(x)   = - jpeg_incompressibility(x)
+jpeg_incompressibility(x) = size of JPEG(x, quality=95) in kB (bytes / 1000)
+jpeg_compressibility(x)   = - jpeg_incompressibility(x)
 """
 
 from __future__ import annotations
