@@ -49,7 +49,7 @@ def test_every_experiment_composes(tmp_path):
 
 def test_root_config_and_batch_comment():
     cfg = _compose([])
-    assert cfg.trainer.prompts_per_epoch * cfg.trainer.images_per_prompt == 32
+    assert cfg.trainer.prompts_per_epoch * cfg.trainer.images_per_prompt == 16
     assert cfg.algorithm._target_ == "rlft.algorithms.ddpo.DDPO"
 
 
@@ -85,7 +85,7 @@ BAD_INPUTS = [
         ["sampler.batch_size: 4 does not divide the 6 samples per process"],
         2,
     ),
-    (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
+    (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 16 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
 ]
