@@ -351,7 +351,6 @@ class Runner:
         embeds = self.policy.encode_prompts(texts)
         bs = self.plan.sample_batch_size
         trajectories, futures = [], []
-        wait = 0.0
         bar = range(0, len(prompts), bs)
         if self.cfg.trainer.progress_bar and self.is_main:
             bar = tqdm(bar, desc=desc, leave=False)
@@ -371,8 +370,7 @@ class Runner:
             trajectories.append(traj)
         t0 = time.perf_counter()
         rewards = RewardOutput.cat([f.result() for f in futures])
-        wait += time.perf_counter() - t0
-        return _cat_trajectories(trajectories), rewards, wait
+        return _cat_trajectories(trajectories), rewards, time.perf_counter() - t0
 
     @torch.no_grad()
     def _reference_log_probs(self, traj: Trajectory) -> torch.Tensor:
@@ -465,12 +463,16 @@ class Runner:
                 "perf/epoch_s": t_trained - t_start,
             }
         )
-        if self.is_main and self.cfg.trainer.log_images > 0:
-            k = min(self.cfg.trainer.log_images, traj.batch_size)
-            captions = [f"{rollout.prompts[i]} | r={float(rollout.rewards[i]):.3g}" for i in range(k)]
-            self.logger.log_images("samples", traj.images[:k], captions, step=self.epoch + 1)
+        self._log_samples("samples", traj.images, rollout.prompts, rollout.rewards, step=self.epoch + 1)
         self.epoch += 1
         return metrics
+
+    def _log_samples(self, key: str, images: torch.Tensor, prompts: list[str], rewards: torch.Tensor, step: int):
+        """The first ``trainer.log_images`` images, captioned with prompt and reward (main process)."""
+        k = min(self.cfg.trainer.log_images, len(prompts))
+        if self.is_main and k > 0:
+            captions = [f"{prompts[i]} | r={float(rewards[i]):.3g}" for i in range(k)]
+            self.logger.log_images(key, images[:k], captions, step=step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -482,32 +484,13 @@ class Runner:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = prompts[rank::world]
         self.unet.eval()
-        scores, images, texts = [], [], []
-        gen = seeded_generator(self.cfg.seed, t.eval_seed, rank, PURPOSE_EVAL)
-        bs = self.plan.sample_batch_size
-        for start in range(0, len(mine), bs):
-            chunk = mine[start : start + bs]
-            embeds = self.policy.encode_prompts([p.text for p in chunk])
-            traj = self.sampler.sample(
-                self.unet,
-                self.policy.decode,
-                embeds,
-                self.negative_embeds,
-                self.policy.latent_shape,
-                gen,
-                self.algorithm.reduce_log_prob,
-                autocast=self.accelerator.autocast,
-            )
-            out = self.reward(traj.images, [p.text for p in chunk], [dict(p.metadata) for p in chunk])
-            scores.append(out.scores)
-            images.append(traj.images)
-            texts += [p.text for p in chunk]
-        local = torch.cat(scores) if scores else torch.zeros(0)
-        all_scores = torch.tensor([float(x) for x in gather_object(local.tolist())]) if world > 1 else local
-        if self.is_main and t.log_images > 0 and images:
-            k = min(t.log_images, len(texts))
-            caps = [f"{texts[i]} | r={float(local[i]):.3g}" for i in range(k)]
-            self.logger.log_images("eval", torch.cat(images)[:k], caps, step=self.epoch)
+        local = torch.zeros(0)
+        if mine:
+            gen = seeded_generator(self.cfg.seed, t.eval_seed, rank, PURPOSE_EVAL)
+            traj, rewards, _ = self._sample(mine, gen, "evaluating")
+            local = rewards.scores
+            self._log_samples("eval", traj.images, [p.text for p in mine], local, step=self.epoch)
+        all_scores = torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
         return {
             "epoch": self.epoch,
             "eval/reward/mean": float(all_scores.mean()),
