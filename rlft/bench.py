@@ -49,7 +49,7 @@ MODELS = {
             "model=tiny_random",
             "reward=jpeg_compressibility",
             "dataset=simple_animals",
-            "dataset@eval_dataset=simple_animals",
+            "~dataset@eval_datasets.unseen",  # evaluate on the training prompts only
         ],
     ),
     "toy": ("a red circle left of a blue square", ["model=toy"]),

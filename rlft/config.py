@@ -5,8 +5,8 @@ Two layers of typing, both checked at start-up before any model loads:
 * The run-level schema (:class:`RunConfig` with :class:`TrainerConfig` and
   :class:`SamplerConfig`) is a Hydra structured config: Hydra itself rejects an
   unknown key or a value of the wrong type while composing.
-* Plug-in groups (``model``, ``reward``, ``algorithm``, ``dataset``,
-  ``eval_dataset``, ``logger``, ``optimizer``) are ``_target_`` nodes. Their
+* Plug-in groups (``model``, ``reward``, ``algorithm``, ``dataset``, each
+  entry of ``eval_datasets``, ``logger``, ``optimizer``) are ``_target_`` nodes. Their
   schema is the target's signature: :func:`validate_component` builds a
   dataclass from it and merges the node into it, so a key the target does not
   accept or a value of the wrong type fails naming the key ("airtight"
@@ -32,8 +32,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rlft.errors import ConfigError
 
-COMPONENT_GROUPS = ("model", "reward", "algorithm", "dataset", "eval_dataset", "logger", "optimizer")
-GROUP_OF = {"eval_dataset": "dataset"}  # config keys filled from another group (dataset@eval_dataset)
+COMPONENT_GROUPS = ("model", "reward", "algorithm", "dataset", "logger", "optimizer")
+# evaluation sets: a named dict filled from the dataset group, dataset@eval_datasets.<name>=<option>
+EVAL_DATASETS = "eval_datasets"
 
 
 class NaNPolicy(str, enum.Enum):
@@ -97,7 +98,7 @@ class RunConfig:
     reward: Any = None
     algorithm: Any = None
     dataset: Any = None
-    eval_dataset: Any = None
+    eval_datasets: Any = field(default_factory=dict)  # name -> dataset node (dataset@eval_datasets.<name>)
     logger: Any = None
     optimizer: Any = None
 
@@ -204,7 +205,7 @@ def validate_component(group: str, node: DictConfig) -> None:
     if node is None:
         return
     if not isinstance(node, DictConfig):
-        option = f"{GROUP_OF.get(group, group)}@{group}" if group in GROUP_OF else group
+        option = f"dataset@{group}" if group.startswith(EVAL_DATASETS) else group
         raise ConfigError(
             group,
             f"is the plain value {node!r}, not a component",
@@ -249,6 +250,15 @@ def validate(cfg: DictConfig) -> None:
     """Start-up checks over the whole config (types, keys, values that cannot work)."""
     for group in COMPONENT_GROUPS:
         validate_component(group, cfg.get(group))
+    eval_datasets = cfg.get(EVAL_DATASETS)
+    if not isinstance(eval_datasets, DictConfig):
+        raise ConfigError(
+            EVAL_DATASETS,
+            f"is the plain value {eval_datasets!r}, not a set of named evaluation datasets",
+            f"name each one: dataset@{EVAL_DATASETS}.unseen={eval_datasets}",
+        )
+    for name, node in eval_datasets.items():
+        validate_component(f"{EVAL_DATASETS}.{name}", node)
     s, t = cfg.sampler, cfg.trainer
     if s.scheduler not in ("ddim", "ddpm"):
         raise ConfigError("sampler.scheduler", f"'{s.scheduler}' is not one of ['ddim', 'ddpm']")

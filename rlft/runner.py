@@ -222,7 +222,9 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = t.allow_tf32
         # cheap components first: config mistakes surface before any weights load
         self.dataset: PromptDataset = build(cfg.dataset, "dataset")
-        self.eval_dataset: PromptDataset | None = build(cfg.eval_dataset, "eval_dataset") if cfg.eval_dataset else None
+        self.eval_datasets: dict[str, PromptDataset] = {
+            name: build(node, f"eval_datasets.{name}") for name, node in cfg.eval_datasets.items()
+        }
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
         self.reward: Reward = build(cfg.reward, "reward")
@@ -232,9 +234,9 @@ class Runner:
                 f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
                 f"'{type(self.reward).__name__}' gives only scalar scores",
             )
-        for key, data in (("dataset", self.dataset), ("eval_dataset", self.eval_dataset)):
-            if data is not None:
-                self.reward.check_prompts([p.text for p in data.evaluation_prompts(16)], key)
+        named = {"dataset": self.dataset, **{f"eval_datasets.{k}": v for k, v in self.eval_datasets.items()}}
+        for key, data in named.items():
+            self.reward.check_prompts([p.text for p in data.evaluation_prompts(16)], key)
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
         self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy
@@ -481,9 +483,20 @@ class Runner:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Reward on fixed held-out prompts with fixed noise (comparable across epochs and runs)."""
+        """Reward on fixed prompts of every evaluation dataset with fixed noise (comparable across epochs
+        and runs): ``eval/<name>/reward/{mean,std}`` per dataset, and ``eval/reward/mean``, their mean."""
+        out: dict[str, float] = {"epoch": self.epoch}
+        for name, dataset in self.eval_datasets.items():
+            scores = self._evaluate_on(name, dataset)
+            out[f"eval/{name}/reward/mean"] = float(scores.mean())
+            out[f"eval/{name}/reward/std"] = float(scores.std(unbiased=False))
+        means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
+        out["eval/reward/mean"] = sum(means) / len(means)
+        return out
+
+    def _evaluate_on(self, name: str, dataset: PromptDataset) -> torch.Tensor:
+        """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds."""
         t = self.cfg.trainer
-        dataset = self.eval_dataset
         prompts = dataset.evaluation_prompts(t.eval_num_prompts)
         prompts = [p for p in prompts for _ in range(t.eval_images_per_prompt)]
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -492,15 +505,10 @@ class Runner:
         local = torch.zeros(0)
         if mine:
             gen = seeded_generator(self.cfg.seed, t.eval_seed, rank, PURPOSE_EVAL)
-            traj, rewards, _ = self._sample(mine, gen, "evaluating")
+            traj, rewards, _ = self._sample(mine, gen, f"evaluating on {name}")
             local = rewards.scores
-            self._log_samples("eval", traj.images, [p.text for p in mine], local, step=self.epoch)
-        all_scores = torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
-        return {
-            "epoch": self.epoch,
-            "eval/reward/mean": float(all_scores.mean()),
-            "eval/reward/std": float(all_scores.std(unbiased=False)),
-        }
+            self._log_samples(f"eval/{name}", traj.images, [p.text for p in mine], local, step=self.epoch)
+        return torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
@@ -517,7 +525,7 @@ class Runner:
         self._print(f"run directory: {self.run_dir}")
         self._print(f"batch: {self.plan.describe()}")
         last: dict[str, float] = {}
-        evaluate = self.eval_dataset is not None and t.eval_every > 0
+        evaluate = bool(self.eval_datasets) and t.eval_every > 0
         evals: list[dict[str, float]] = []
         if evaluate and self.epoch == 0:
             evals.append(self._log(self.evaluate()))
@@ -532,10 +540,12 @@ class Runner:
                 self.save_checkpoint()
         if len(evals) > 1:
             first, final = evals[0], evals[-1]
-            self._print(
-                f"evaluation reward on {self.eval_dataset.name}: {first['eval/reward/mean']:.4f} (epoch "
-                f"{first['epoch']}) -> {final['eval/reward/mean']:.4f} (epoch {final['epoch']})"
-            )
+            for name, dataset in self.eval_datasets.items():
+                key = f"eval/{name}/reward/mean"
+                self._print(
+                    f"evaluation reward on {name} ({dataset.name}): {first[key]:.4f} (epoch {first['epoch']}) -> "
+                    f"{final[key]:.4f} (epoch {final['epoch']})"
+                )
         if self.epoch >= t.epochs and not last:
             self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")
         if self.is_main:
@@ -547,8 +557,7 @@ class Runner:
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_main:
             self.logger.log(metrics, step=int(metrics["epoch"]))
-            headline = ("reward/mean", "eval/reward/mean", "train/loss")
-            shown = {k: v for k, v in metrics.items() if k.startswith(headline)}
+            shown = {k: v for k, v in metrics.items() if k in ("reward/mean", "train/loss") or k.endswith("reward/mean")}
             self._print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         return metrics
 

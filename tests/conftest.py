@@ -62,7 +62,7 @@ FAST = [
     "model=tiny_random",
     "reward=jpeg_compressibility",
     "dataset=simple_animals",
-    "dataset@eval_dataset=simple_animals",
+    "~dataset@eval_datasets.unseen",  # evaluate on the training prompts only
     "sampler.num_steps=10",
     "trainer.prompts_per_epoch=4",
     "trainer.images_per_prompt=4",

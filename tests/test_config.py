@@ -51,7 +51,8 @@ def test_root_config_and_batch_comment():
     cfg = _compose([])
     assert cfg.trainer.prompts_per_epoch * cfg.trainer.images_per_prompt == 32  # as the comment says
     assert cfg.algorithm._target_ == "rlft.algorithms.ddpo.DDPO"
-    assert cfg.model.path.endswith("rlft/toy/weights") and cfg.eval_dataset.split == "unseen"
+    assert cfg.model.path.endswith("rlft/toy/weights") and cfg.eval_datasets.unseen.split == "unseen"
+    assert cfg.eval_datasets.seen == cfg.dataset  # the training prompts, evaluated as PRDP's "seen" set
     assert cfg.optimizer.lr == 1e-4  # conf/tuning/toy_ddpo.yaml applies
     assert _compose(["model=sd14"]).optimizer.lr == 3e-4  # no tuning file: the algorithm's paper default
 
@@ -91,7 +92,8 @@ BAD_INPUTS = [
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
-    (["eval_dataset=toy_small"], ["eval_dataset: is the plain value 'toy_small'", "dataset@eval_dataset=toy_small"], 2),
+    (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "dataset@eval_datasets.unseen="], 2),
+    (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "dataset@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
     (["algorithm=prdp", "trainer.images_per_prompt=1"], ["PRDP compares images of the same prompt"], 2),
 ]

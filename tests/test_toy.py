@@ -163,7 +163,7 @@ def test_ddpo_on_toy_small_raises_toy_alignment(cache_dir, tmp_path):
             f"paths.output_root={tmp_path}",
             "run_name=toy",
             "algorithm=ddpo",
-            "dataset@eval_dataset=toy_small",
+            "~dataset@eval_datasets.unseen",  # eval_datasets.seen: toy_small itself
             "trainer.epochs=8",
             "trainer.eval_every=8",
             "trainer.eval_num_prompts=16",

@@ -52,7 +52,7 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     assert evals[1] > evals[0] + 0.03, evals  # about -1.43 -> -1.36 with this seed
     assert sum(r["reward/mean"] for r in train[-3:]) / 3 > sum(r["reward/mean"] for r in train[:3]) / 3
     assert VOCABULARY <= set(train[0])
-    assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_00008.png").exists()
+    assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_seen_00008.png").exists()
     assert (run / "checkpoints" / "epoch_00008" / "trainable.safetensors").exists()
     assert "wandb: offline run" in result.stdout and any((run / "wandb").glob("offline-run-*"))
 
