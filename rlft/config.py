@@ -61,6 +61,7 @@ class TrainerConfig:
     epochs: int = 100
     prompts_per_epoch: int = 32  # global: distinct prompts drawn per epoch, split over processes
     images_per_prompt: int = 1  # images of each prompt, all on the process that owns the prompt
+    fixed_sample_noise: bool = False  # every epoch samples from epoch 1's noise (the image a feedback map judges)
     train_batch_size: int = 4  # per process: samples per gradient micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     max_grad_norm: float = 1.0

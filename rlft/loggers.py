@@ -138,6 +138,18 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
+def overlay_maps(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
+    """Reward maps over the images they judge: green where the map is positive, red where negative,
+    opacity |m| / max |m| per image (times ``alpha``)  [B, 3, H, W] in [0, 1]."""
+    m = maps.float()
+    m = m / m.flatten(1).abs().amax(dim=1).clamp_min(1e-12)[:, None, None]  # [-1, 1]
+    color = torch.zeros_like(images)
+    color[:, 1] = (m > 0).float()
+    color[:, 0] = (m < 0).float()
+    weight = alpha * m.abs()[:, None]
+    return images.float() * (1 - weight) + color * weight
+
+
 def captioned_grid(images: torch.Tensor, captions: Sequence[str], per_row: int = 4, cell: int = 128) -> Image.Image:
     """A grid of images (upscaled to ``cell`` pixels) with each caption written under its image."""
     n = len(images)

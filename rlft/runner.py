@@ -222,21 +222,18 @@ class Runner:
             torch.backends.cudnn.allow_tf32 = t.allow_tf32
         # cheap components first: config mistakes surface before any weights load
         self.dataset: PromptDataset = build(cfg.dataset, "dataset")
-        self.eval_datasets: dict[str, PromptDataset] = {
-            name: build(node, f"eval_datasets.{name}") for name, node in cfg.eval_datasets.items()
+        self.eval_datasets: dict[str, PromptDataset] = {  # none when evaluation is off (eval_every=0)
+            name: build(node, f"eval_datasets.{name}") for name, node in cfg.eval_datasets.items() if t.eval_every > 0
         }
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
         self.reward: Reward = build(cfg.reward, "reward")
-        if self.algorithm.needs_reward_maps and not self.reward.gives_maps:
-            raise ConfigError(
-                "reward",
-                f"{type(self.algorithm).__name__} needs per-pixel reward maps; "
-                f"'{type(self.reward).__name__}' gives only scalar scores",
-            )
+        self.algorithm.check_reward(getattr(self.reward, "name", type(self.reward).__name__), self.reward.gives_maps)
         named = {"dataset": self.dataset, **{f"eval_datasets.{k}": v for k, v in self.eval_datasets.items()}}
         for key, data in named.items():
-            self.reward.check_prompts([p.text for p in data.evaluation_prompts(16)], key)
+            probe = data.evaluation_prompts(16)
+            self.reward.check_prompts([p.text for p in probe], key)
+            self.reward.check_metadata([p.metadata for p in probe], key)
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
         self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy
@@ -431,7 +428,8 @@ class Runner:
         prompts, group = self._prompts_for_epoch()
         # SAMPLING (+ rewards in the background)
         self.unet.eval()
-        sample_gen = seeded_generator(seed, self.epoch, rank, PURPOSE_SAMPLE)
+        noise_epoch = 0 if self.cfg.trainer.fixed_sample_noise else self.epoch
+        sample_gen = seeded_generator(seed, noise_epoch, rank, PURPOSE_SAMPLE)
         traj, rewards, reward_wait = self._sample(prompts, sample_gen, f"epoch {self.epoch + 1}: sampling")
         rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps)
         t_reference = time.perf_counter()
@@ -471,6 +469,11 @@ class Runner:
             }
         )
         self._log_samples("samples", traj.images, rollout.prompts, rollout.rewards, step=self.epoch + 1)
+        if rollout.reward_maps is not None and self.algorithm.needs_reward_maps:
+            from rlft.loggers import overlay_maps
+
+            overlaid = overlay_maps(traj.images.cpu(), rollout.reward_maps)
+            self._log_samples("reward_maps", overlaid, rollout.prompts, rollout.rewards, step=self.epoch + 1)
         self.epoch += 1
         return metrics
 
@@ -557,7 +560,7 @@ class Runner:
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_main:
             self.logger.log(metrics, step=int(metrics["epoch"]))
-            shown = {k: v for k, v in metrics.items() if k in ("reward/mean", "train/loss") or k.endswith("reward/mean")}
+            shown = {k: v for k, v in metrics.items() if k == "train/loss" or k.endswith("reward/mean")}
             self._print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         return metrics
 

@@ -59,6 +59,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 # the smallest real finetuning: tiny_random on JPEG compressibility, 4 prompts x 4 images, 10 DDIM steps
 FAST = [
+    "algorithm=ddpo",
     "model=tiny_random",
     "reward=jpeg_compressibility",
     "dataset=simple_animals",

@@ -19,3 +19,40 @@ class NaNForPrompt(Reward):
         scores = images.mean(dim=(1, 2, 3))
         bad = torch.tensor([p == self.prompt for p in prompts])
         return RewardOutput(torch.where(bad, torch.full_like(scores, float("nan")), scores))
+
+
+class SGDContext:
+    """TrainContext over a real UNet: records each optimizer step's gradient, then takes a plain SGD step."""
+
+    def __init__(self, unet, sampler, negative, tbs, accum, lr):
+        self.unet, self.sampler, self.negative = unet, sampler, negative
+        self.generator = torch.Generator().manual_seed(0)
+        self.train_batch_size, self.gradient_accumulation_steps = tbs, accum
+        self.lr = lr
+        self.grads, self.params_before = [], []
+        self.algorithm = None
+
+    def log_prob(self, rollout, index, step):
+        traj = rollout.trajectory
+        lp = self.sampler.log_prob(
+            self.unet,
+            traj.latents[index, step],
+            traj.latents[index, step + 1],
+            traj.timesteps[step],
+            traj.prompt_embeds[index],
+            self.negative,
+        )
+        return self.algorithm.reduce_log_prob(lp)
+
+    def backward(self, loss, sync=True):
+        loss.backward()
+
+    def step(self):
+        params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.params_before.append([p.detach().clone() for p in params])
+        self.grads.append([p.grad.detach().clone() for p in params])
+        with torch.no_grad():
+            for p in params:
+                p -= self.lr * p.grad
+                p.grad = None
+        return 0.0

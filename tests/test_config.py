@@ -50,21 +50,22 @@ def test_every_experiment_composes(tmp_path):
 def test_root_config_and_batch_comment():
     cfg = _compose([])
     assert cfg.trainer.prompts_per_epoch * cfg.trainer.images_per_prompt == 32  # as the comment says
-    assert cfg.algorithm._target_ == "rlft.algorithms.ddpo.DDPO"
+    assert cfg.algorithm._target_ == "rlft.algorithms.prdp.PRDP"  # the default demo is PRDP
     assert cfg.model.path.endswith("rlft/toy/weights") and cfg.eval_datasets.unseen.split == "unseen"
     assert cfg.eval_datasets.seen == cfg.dataset  # the training prompts, evaluated as PRDP's "seen" set
-    assert cfg.optimizer.lr == 1e-4  # conf/tuning/toy_ddpo.yaml applies
+    assert cfg.optimizer.lr == 3e-5 and cfg.algorithm.beta == 0.3  # conf/tuning/toy_prdp.yaml applies
+    assert _compose(["algorithm=ddpo"]).optimizer.lr == 1e-4  # conf/tuning/toy_ddpo.yaml
     assert _compose(["model=sd14"]).optimizer.lr == 3e-4  # no tuning file: the algorithm's paper default
 
 
 def test_validate_names_unknown_and_mistyped_keys():
-    cfg = _compose(["+algorithm.clip_rnage=0.1"])
+    cfg = _compose(["algorithm=ddpo", "+algorithm.clip_rnage=0.1"])
     with pytest.raises(ConfigError, match=r"algorithm.clip_rnage: unknown key .*known keys: estimator, clip_range"):
         validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    cfg = _compose(["algorithm.num_inner_epochs=two"])
+    cfg = _compose(["algorithm=ddpo", "algorithm.num_inner_epochs=two"])
     with pytest.raises(ConfigError, match="algorithm.num_inner_epochs"):
         validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
-    cfg = _compose(["algorithm.estimator=ppo2"])
+    cfg = _compose(["algorithm=ddpo", "algorithm.estimator=ppo2"])
     with pytest.raises(ConfigError, match=r"algorithm.estimator: 'ppo2' is not one of \['ppo', 'sf'\]"):
         validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
@@ -85,7 +86,7 @@ BAD_INPUTS = [
     (["+model.lora_rnk=8"], ["model.lora_rnk: unknown key", "lora_rank"], 2),
     (["optimizer.lr=fast"], ["rlft: error:"], 2),
     (
-        ["trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
+        ["algorithm=ddpo", "trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
         ["sampler.batch_size: 4 does not divide the 6 samples per process"],
         2,
     ),

@@ -12,6 +12,7 @@ from rlft.algorithms.base import Rollout
 from rlft.algorithms.prdp import PRDP, pairs_of, prdp_coefficients, prdp_loss
 from rlft.errors import ConfigError
 from rlft.sampling import Sampler, make_scheduler
+from tests.helpers import SGDContext
 
 
 def _hand_loss(logp, old, ref, rewards, group, beta, eps, aggregation):
@@ -124,43 +125,6 @@ def test_prdp_rejects_bad_values():
 
 
 # --------------------------------------------------------------------------- two passes vs autograd
-class _SGDContext:
-    """TrainContext over a real UNet: records each optimizer step's gradient, then takes a plain SGD step."""
-
-    def __init__(self, unet, sampler, negative, tbs, accum, lr):
-        self.unet, self.sampler, self.negative = unet, sampler, negative
-        self.generator = torch.Generator().manual_seed(0)
-        self.train_batch_size, self.gradient_accumulation_steps = tbs, accum
-        self.lr = lr
-        self.grads, self.params_before = [], []
-        self.algorithm = None
-
-    def log_prob(self, rollout, index, step):
-        traj = rollout.trajectory
-        lp = self.sampler.log_prob(
-            self.unet,
-            traj.latents[index, step],
-            traj.latents[index, step + 1],
-            traj.timesteps[step],
-            traj.prompt_embeds[index],
-            self.negative,
-        )
-        return self.algorithm.reduce_log_prob(lp)
-
-    def backward(self, loss, sync=True):
-        loss.backward()
-
-    def step(self):
-        params = [p for p in self.unet.parameters() if p.requires_grad]
-        self.params_before.append([p.detach().clone() for p in params])
-        self.grads.append([p.grad.detach().clone() for p in params])
-        with torch.no_grad():
-            for p in params:
-                p -= self.lr * p.grad
-                p.grad = None
-        return 0.0
-
-
 def _all_log_probs(ctx, rollout, steps):
     """log pi_theta at every (sample, step), with the graph  [B, T]."""
     B = rollout.batch_size
@@ -200,7 +164,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         )
     # a dry run of one step tells how far the values move, so that eps clips some steps and not others
     theta0 = copy.deepcopy(unet.state_dict())
-    dry = _SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
+    dry = SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
     dry.algorithm = algo
     algo.update(rollout, dry)
     with torch.no_grad():
@@ -210,7 +174,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
     assert 0 < algo.clip_range < 1, algo.clip_range
 
     algo.num_inner_epochs = 2
-    ctx = _SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
+    ctx = SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
     ctx.algorithm = algo
     metrics = algo.update(rollout, ctx)
     assert metrics["train/optimizer_steps"] == 2 and 0 < metrics["train/clipfrac"] < 1

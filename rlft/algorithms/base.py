@@ -22,6 +22,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from rlft.errors import ConfigError
 from rlft.sampling import Trajectory
 
 
@@ -97,6 +98,13 @@ class Algorithm:
         self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int, images_per_prompt: int
     ) -> None:
         """Raise ConfigError when the batch arithmetic cannot work for this algorithm."""
+
+    def check_reward(self, reward_name: str, gives_maps: bool) -> None:
+        """Raise ConfigError when the reward cannot feed this algorithm (start-up, before weights load)."""
+        if self.needs_reward_maps and not gives_maps:
+            raise ConfigError(
+                "reward", f"{type(self).__name__} needs per-pixel reward maps; '{reward_name}' gives only scores"
+            )
 
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
         """Compute ``rollout.advantages`` (or pairs); every process calls it."""

@@ -13,7 +13,8 @@ and DDPO_SF (the score-function estimator, eq. 4) minimises L_t = -A * log pi_th
 
 Log-prob convention (as ddpo-pytorch): log pi is the Gaussian log-density
 *averaged* over the latent dimensions, so rho is the geometric mean of the
-per-dimension ratios; eps = 1e-4 goes with that convention. Advantages are
+per-dimension ratios; eps = 1e-4 goes with that convention
+(``log_prob_reduction=sum`` gives the exact density). Advantages are
 clipped to [-adv_clip_max, adv_clip_max].
 
 Schedule per epoch: ``num_inner_epochs`` passes over this process's samples;
@@ -55,7 +56,10 @@ class DDPO(Algorithm):
         stat_buffer_size: int = 16,
         stat_min_count: int = 16,
         stat_max_prompts: int = 100_000,
+        log_prob_reduction: Literal["mean", "sum"] = "mean",
     ):
+        if log_prob_reduction not in ("mean", "sum"):
+            raise ConfigError("algorithm.log_prob_reduction", f"'{log_prob_reduction}' is not one of mean, sum")
         if estimator not in ("ppo", "sf"):
             raise ConfigError("algorithm.estimator", f"'{estimator}' is not one of ppo, sf")
         if not 0.0 < timestep_fraction <= 1.0:
@@ -65,6 +69,7 @@ class DDPO(Algorithm):
         if num_inner_epochs < 1:
             raise ConfigError("algorithm.num_inner_epochs", f"must be >= 1, got {num_inner_epochs}")
         self.estimator = estimator
+        self.log_prob_reduction = log_prob_reduction
         self.clip_range = clip_range
         self.adv_clip_max = adv_clip_max
         self.timestep_fraction = timestep_fraction
@@ -76,8 +81,13 @@ class DDPO(Algorithm):
         )
 
     def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
-        """Mean over latent dimensions  [b, C, h, w] -> [b]."""
-        return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+        """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
+        dims = tuple(range(1, log_prob.ndim))
+        return log_prob.mean(dim=dims) if self.log_prob_reduction == "mean" else log_prob.sum(dim=dims)
+
+    def per_sample(self, loss: Tensor) -> Tensor:
+        """Each sample's loss from the element-wise surrogate (one element per sample here)  [b]."""
+        return loss
 
     def check(
         self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int, images_per_prompt: int
@@ -125,9 +135,9 @@ class DDPO(Algorithm):
                     old_log_prob = rollout.log_probs[index, step].to(log_prob.device)
                     adv = advantages[index].to(log_prob.device)
                     if self.estimator == "ppo":
-                        loss = ppo_clip_loss(adv, log_prob, old_log_prob, self.clip_range).mean()
+                        loss = self.per_sample(ppo_clip_loss(adv, log_prob, old_log_prob, self.clip_range)).mean()
                     else:
-                        loss = (-adv * log_prob).mean()
+                        loss = self.per_sample(-adv * log_prob).mean()
                     ctx.backward(loss / (num_train_steps * accum), sync=boundary and j == num_train_steps - 1)
                     with torch.no_grad():
                         ratio = torch.exp(log_prob - old_log_prob)

@@ -38,6 +38,9 @@ class Reward:
     def check_prompts(self, prompts: Sequence[str], key: str = "dataset") -> None:
         """Raise a ConfigError naming ``key`` when this reward cannot judge such prompts (checked at start-up)."""
 
+    def check_metadata(self, metadata: Sequence[Mapping[str, Any]], key: str = "dataset") -> None:
+        """Raise a ConfigError naming ``key`` when the prompts' metadata lacks what this reward reads."""
+
     def to(self, device) -> Reward:
         """Move model weights (if any) to ``device``; rewards never pick a device themselves."""
         return self

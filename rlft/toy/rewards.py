@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from rlft.errors import ConfigError
 from rlft.rewards.base import Reward, RewardOutput
+from rlft.rewards.color import ColorTarget
 from rlft.toy.grammar import PALETTE, ParseError, Scene, parse
 from rlft.toy.render import (
     GAP,
@@ -198,26 +199,11 @@ class ToyAlignment(Reward):
         return weight * agree
 
 
-class ToyColor(Reward):
-    """Per-pixel closeness to a target colour (a palette name or an RGB triple in [0, 1])."""
+class ToyColor(ColorTarget):
+    """The colour target with the toy world's palette names (rlft.rewards.color)."""
 
     name = "toy_color"
-    gives_maps = True
-
-    def __init__(self, target: str | Sequence[float] = "blue"):
-        if isinstance(target, str):
-            if target not in PALETTE:
-                raise ValueError(f"unknown colour '{target}': use one of {', '.join(PALETTE)} or [r, g, b]")
-            target = PALETTE[target]
-        self.target = torch.tensor([float(v) for v in target])
-        if self.target.shape != (3,) or not ((0 <= self.target) & (self.target <= 1)).all():
-            raise ValueError(f"target colour must be 3 values in [0, 1], got {list(target)}")
-
-    def score(self, images, prompts, metadata) -> RewardOutput:
-        dist = (images.float() - self.target.to(images.device)[None, :, None, None]).norm(dim=1)  # [B, H, W]
-        closeness = 1 - dist / math.sqrt(3)
-        maps = closeness / closeness[0].numel()
-        return RewardOutput(maps.sum(dim=(1, 2)), maps)
+    palette = PALETTE
 
 
 def _scene(prompt: str, key: str = "dataset") -> Scene:
