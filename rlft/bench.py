@@ -1,6 +1,6 @@
 """`make bench`: speed and memory of the rollout and the update on this machine.
 
-Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prdp; full UNet
+Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prdp, toy:pxpo; full UNet
 finetuning, 20 DDIM steps, CFG 5, sampling batch 16), each in its own process:
   * sampling images/s, and our rollout against a bare diffusers loop making the same
     UNet calls (``scheduler.step``, no log-probs): the overhead of recording a trajectory;
@@ -177,7 +177,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--cases",
-        default="tiny_random:ddpo,toy:ddpo,toy:prdp",
+        default="tiny_random:ddpo,toy:ddpo,toy:prdp,toy:pxpo",
         help="comma-separated model:algorithm pairs; models: " + ", ".join(MODELS),
     )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process

@@ -97,6 +97,8 @@ BAD_INPUTS = [
     (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "dataset@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
     (["algorithm=prdp", "trainer.images_per_prompt=1"], ["PRDP compares images of the same prompt"], 2),
+    (["algorithm=pxpo", "reward=jpeg_compressibility"], ["PXPO needs per-pixel reward maps", "broadcast_scalar_reward"], 2),
+    (["experiment=pxpo_feedback"], ["dataset.path: is required but not set"], 2),
 ]
 
 

@@ -170,3 +170,28 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
         reward.check_metadata([{"feedback_map": "nope.png"}])
     with pytest.raises(ConfigError, match="no 'feedback_map' field"):
         reward.check_metadata([{}])
+
+
+def test_ppo_ratio_is_per_position_and_scalar_rewards_broadcast():
+    """estimator=ppo clips each position's ratio exp(log pi^{ij} - log pi_old^{ij}) on its own and sums the
+    positions' losses; broadcast_scalar_reward turns scores into uniform maps (DDPO's advantages)."""
+    from rlft.algorithms.ddpo import ppo_clip_loss
+
+    algo = PXPO(clip_range=0.1)
+    adv = torch.tensor([[[1.0, -1.0, 2.0]]])  # [b=1, h=1, w=3]
+    old = torch.zeros(1, 1, 3)
+    new = torch.tensor([[[0.5, 0.5, -0.01]]])  # ratios e^0.5 (clipped for A>0), e^0.5 (A<0: unclipped), ~0.99
+    by_hand = 0.0
+    for a, r in zip([1.0, -1.0, 2.0], torch.exp(new).flatten().tolist()):
+        by_hand += max(-a * r, -a * min(max(r, 0.9), 1.1))
+    got = algo.per_sample(ppo_clip_loss(adv, new, old, algo.clip_range))
+    assert got.shape == (1,) and abs(float(got) - by_hand) < 1e-6
+
+    class _Traj:  # what prepare reads: the latent grid of the log-prob maps
+        log_probs = torch.zeros(4, 2, 2, 2)
+
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.5])
+    rollout = Rollout(_Traj(), ["a", "a", "b", "b"], torch.tensor([0, 0, 1, 1]), scores)
+    PXPO(broadcast_scalar_reward=True).prepare(rollout, comm=None)
+    expected = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # (r - mean_c) / std_c per prompt
+    assert torch.allclose(rollout.advantages, expected[:, None, None].expand(-1, 2, 2), atol=1e-5)
