@@ -35,7 +35,7 @@ format: $(STAMP) ## ruff format + autofix
 	$(BIN)/ruff check --fix rlft tests
 
 bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
-	$(BIN)/python -m rlft.bench
+	$(BIN)/python -m rlft.bench --efficiency 24
 
 toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~25 min, 2 cores)
 	$(BIN)/python -m rlft.toy.pretrain --out rlft/toy/weights

@@ -8,6 +8,10 @@ finetuning, 20 DDIM steps, CFG 5, sampling batch 16), each in its own process:
     reward wait / reference log-probs (PRDP) / training (PRDP: its no-gradient pass and its
     backward pass), and training images/s (every step of every sample);
   * peak memory of the case (resident set on CPU, allocated on CUDA).
+
+``--efficiency EPOCHS`` adds PXPO's sample-efficiency claim on the toy world: experiment=pxpo_color
+with PXPO against DDPO-SF at the same lr, seed, batch and number of sampled images, printing the
+training reward (mean over blocks of epochs) and the evaluation reward on seen and unseen prompts.
 """
 
 from __future__ import annotations
@@ -180,6 +184,8 @@ def main() -> None:
         default="tiny_random:ddpo,toy:ddpo,toy:prdp,toy:pxpo",
         help="comma-separated model:algorithm pairs; models: " + ", ".join(MODELS),
     )
+    parser.add_argument("--efficiency", type=int, default=0, metavar="EPOCHS", help="PXPO vs DDPO-SF on toy_color")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -202,6 +208,40 @@ def main() -> None:
         width = max(len(k) for k in results)
         for key, value in results.items():
             print(f"  {key:<{width}}  {value:10.3f}")
+    if args.efficiency:
+        efficiency(args.efficiency, args.seed)
+
+
+# PXPO's claim, same budget: the per-pixel map (PXPO, eq. 9) against one score per image (DDPO-SF)
+EFFICIENCY = {
+    "pxpo": ["experiment=pxpo_color"],
+    "ddpo_sf": ["experiment=pxpo_color", "algorithm=ddpo_sf", "optimizer.lr=3e-5"],
+}
+
+
+def efficiency(epochs: int, seed: int) -> None:
+    """Run each EFFICIENCY case through the CLI and print its reward per block of epochs."""
+    every = max(1, epochs // 3)
+    print(f"\nsample efficiency on toy_color (experiment=pxpo_color), {epochs} epochs x 32 images, seed {seed}")
+    for name, overrides in EFFICIENCY.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "rlft", *overrides, f"seed={seed}", f"trainer.epochs={epochs}"]
+            cmd += [f"trainer.eval_every={every}", f"paths.output_root={tmp}", "run_name=eff", "resume=never"]
+            cmd += ["trainer.progress_bar=false", "trainer.log_images=0", "trainer.checkpoint_every=0"]
+            t0 = time.perf_counter()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(f"  {name}: failed\n{done.stderr[-2000:]}")
+                continue
+            rows = [json.loads(line) for line in (Path(tmp) / "eff" / "metrics.jsonl").read_text().splitlines()]
+        train = [r["reward/mean"] for r in rows if "reward/mean" in r]
+        blocks = [sum(train[i : i + every]) / len(train[i : i + every]) for i in range(0, len(train), every)]
+        evals = [r for r in rows if "eval/reward/mean" in r]
+        print(f"  {name:<8} ({time.perf_counter() - t0:.0f} s)")
+        print(f"    train reward per block of {every} epochs: " + " -> ".join(f"{b:.3f}" for b in blocks))
+        for key in ("seen", "unseen"):
+            values = " -> ".join(f"{r[f'eval/{key}/reward/mean']:.3f} (epoch {r['epoch']})" for r in evals)
+            print(f"    eval/{key}: {values}")
 
 
 if __name__ == "__main__":

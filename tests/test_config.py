@@ -93,11 +93,11 @@ BAD_INPUTS = [
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
-    (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "dataset@eval_datasets.unseen="], 2),
-    (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "dataset@eval_datasets.unseen="], 2),
+    (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "@eval_datasets.unseen="], 2),
+    (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
     (["algorithm=prdp", "trainer.images_per_prompt=1"], ["PRDP compares images of the same prompt"], 2),
-    (["algorithm=pxpo", "reward=jpeg_compressibility"], ["PXPO needs per-pixel reward maps", "broadcast_scalar_reward"], 2),
+    (["algorithm=pxpo", "reward=jpeg_compressibility"], ["PXPO needs per-pixel reward maps", "broadcast_scalar"], 2),
     (["experiment=pxpo_feedback"], ["dataset.path: is required but not set"], 2),
 ]
 

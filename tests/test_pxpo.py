@@ -25,7 +25,8 @@ def test_pooling_and_advantages_by_hand():
     rbar = torch.tensor([[[1.0, 4.0]], [[3.0, 0.0]], [[5.0, 5.0]], [[1.0, 5.0]]], dtype=torch.float64)
     group = torch.tensor([0, 0, 1, 1])
     a = map_advantages(rbar, group, "prompt_mean", "none")
-    assert torch.equal(a, torch.tensor([[[-1.0, 2.0]], [[1.0, -2.0]], [[2.0, 0.0]], [[-2.0, 0.0]]], dtype=torch.float64))
+    want = torch.tensor([[[-1.0, 2.0]], [[1.0, -2.0]], [[2.0, 0.0]], [[-2.0, 0.0]]], dtype=torch.float64)
+    assert torch.equal(a, want)
     a = map_advantages(rbar, group, "prompt_mean", "prompt")
     rms0, rms1 = (10 / 4) ** 0.5, (8 / 4) ** 0.5  # root-mean-square of each prompt's centred values
     assert torch.allclose(a[0, 0], torch.tensor([-1.0, 2.0], dtype=torch.float64) / (rms0 + 1e-6))
@@ -116,7 +117,8 @@ def test_left_positive_right_negative_map_moves_each_half_its_own_way(tiny_polic
     algo.update(rollout, ctx)
     steps = rollout.trainable_steps
     with torch.no_grad():
-        after = torch.stack([ctx.log_prob(rollout, torch.arange(len(prompts)), s.expand(len(prompts))) for s in steps], 1)
+        everyone = torch.arange(len(prompts))
+        after = torch.stack([ctx.log_prob(rollout, everyone, s.expand(len(prompts))) for s in steps], 1)
     change = after - rollout.log_probs[:, steps]  # [B, T, h, w]
     w = change.shape[-1]
     left, right = change[..., : w // 2].sum(), change[..., w // 2 :].sum()

@@ -55,9 +55,7 @@ def pool_to_latent(maps: Tensor, latent_hw: tuple[int, int]) -> Tensor:
     return F.avg_pool2d(maps[:, None].double(), kernel_size=f)[:, 0] if f > 1 else maps.double()
 
 
-def map_advantages(
-    rbar: Tensor, group: Tensor, baseline: str, std: str, comm: Comm | None = None
-) -> Tensor:
+def map_advantages(rbar: Tensor, group: Tensor, baseline: str, std: str, comm: Comm | None = None) -> Tensor:
     """Per-position advantages from pooled maps  [B, h, w] (float64), before the clip."""
     centred = rbar.clone()
     if baseline == "prompt_mean":
@@ -80,8 +78,8 @@ class PXPO(DDPO):
 
     def __init__(
         self,
-        estimator: Literal["ppo", "sf"] = "ppo",
-        clip_range: float = 1e-2,
+        estimator: Literal["ppo", "sf"] = "sf",
+        clip_range: float = 0.2,
         adv_clip_max: float = 5.0,
         timestep_fraction: float = 1.0,
         num_inner_epochs: int = 1,

@@ -48,7 +48,7 @@ class FeedbackMap(Reward):
             raise ConfigError(
                 where,
                 f"a prompt has no '{self.key}' field naming its feedback map",
-                f"use a .jsonl prompt file (dataset=file) with rows {{\"prompt\": ..., \"{self.key}\": \"map.png\"}}",
+                f'use a .jsonl prompt file (dataset=file) with rows {{"prompt": ..., "{self.key}": "map.png"}}',
             )
         path = Path(str(meta[self.key])).expanduser()
         if self.root is not None and not path.is_absolute():
