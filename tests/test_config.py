@@ -99,6 +99,8 @@ BAD_INPUTS = [
     (["algorithm=prdp", "trainer.images_per_prompt=1"], ["PRDP compares images of the same prompt"], 2),
     (["algorithm=pxpo", "reward=jpeg_compressibility"], ["PXPO needs per-pixel reward maps", "broadcast_scalar"], 2),
     (["experiment=pxpo_feedback"], ["dataset.path: is required but not set"], 2),
+    (["reward=pickscore"], ["reward.processor_path: cannot load 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'"], 2),
+    (["reward=aesthetic"], ["reward.mlp_path: aesthetic predictor weights", "set reward.mlp_path"], 2),
 ]
 
 

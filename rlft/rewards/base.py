@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from rlft.errors import ConfigError
 
 
 @dataclass
@@ -75,6 +78,10 @@ class WeightedSum(Reward):
         for r in self.rewards.values():
             r.check_prompts(prompts, key)
 
+    def check_metadata(self, metadata: Sequence[Mapping[str, Any]], key: str = "dataset") -> None:
+        for r in self.rewards.values():
+            r.check_metadata(metadata, key)
+
     def to(self, device) -> WeightedSum:
         for r in self.rewards.values():
             r.to(device)
@@ -95,3 +102,20 @@ class WeightedSum(Reward):
 def to_uint8(images: Tensor) -> Tensor:
     """[0, 1] floats -> uint8 as (x * 255).round().clamp(0, 255)  (DESIGN 4)."""
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+OFFLINE_HINT = (
+    "set {key} to a local directory (save_pretrained layout), or fill the Hugging Face cache and set HF_HUB_OFFLINE=1"
+)
+
+
+def load_pretrained(loader, path: str, key: str, **kwargs):
+    """``loader.from_pretrained(path)`` with one clear error for a missing directory, file or hub repo."""
+    local = Path(path).expanduser()
+    if path.startswith((".", "/", "~")) and not local.exists():
+        raise ConfigError(key, f"'{path}' does not exist", OFFLINE_HINT.format(key=key))
+    try:
+        return loader.from_pretrained(str(local) if local.exists() else path, **kwargs)
+    except OSError as exc:
+        detail = str(exc).splitlines()[0]
+        raise ConfigError(key, f"cannot load '{path}': {detail}", OFFLINE_HINT.format(key=key)) from None

@@ -13,13 +13,11 @@ local directory in the save_pretrained layout.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
 from rlft.errors import ConfigError
-from rlft.rewards.base import Reward, RewardOutput
+from rlft.rewards.base import Reward, RewardOutput, load_pretrained
 
 
 class Segmentation(Reward):
@@ -31,19 +29,8 @@ class Segmentation(Reward):
     def __init__(self, path: str, target_class: str | int, dtype: str = "float32"):
         from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-        local = Path(path).expanduser()
-        if path.startswith((".", "/", "~")) and not local.exists():
-            raise ConfigError("reward.path", f"'{path}' does not exist", "set reward.path to a model directory")
-        try:
-            self.model = AutoModelForSemanticSegmentation.from_pretrained(str(local) if local.exists() else path)
-            processor = AutoImageProcessor.from_pretrained(str(local) if local.exists() else path)
-        except OSError as exc:
-            raise ConfigError(
-                "reward.path",
-                f"cannot load a segmentation model from '{path}': {str(exc).splitlines()[0]}",
-                "set reward.path to a local directory (save_pretrained layout), or fill the Hugging Face cache "
-                "and set HF_HUB_OFFLINE=1",
-            ) from None
+        self.model = load_pretrained(AutoModelForSemanticSegmentation, path, "reward.path")
+        processor = load_pretrained(AutoImageProcessor, path, "reward.path", backend="pil")
         self.model.eval().requires_grad_(False).to(getattr(torch, dtype))
         labels = {str(v): int(k) for k, v in self.model.config.id2label.items()}
         if isinstance(target_class, str) and not target_class.isdigit():

@@ -1,0 +1,154 @@
+"""CLIP-based rewards: PickScore and the LAION aesthetic predictor (DESIGN section 4).
+
+PickScore (Kirstain et al. 2023; model yuvalkirstain/PickScore_v1, processor from
+laion/CLIP-ViT-H-14-laion2B-s32B-b79K):
+
+    pickscore(x, c) = exp(logit_scale) * cos(E_img(x), E_txt(c))
+
+LAION aesthetic predictor v2 ("sac+logos+ava1-l14-linearMSE", as DDPO uses it): the CLIP
+ViT-L/14 image embedding, L2-normalised, through an MLP 768-1024-128-64-16-1 with dropout and
+no activations:
+
+    aesthetic(x) = MLP(E_img(x) / ||E_img(x)||)
+
+Images enter as floats in [0, 1] and go to the CLIP image processor as uint8 PIL images
+((x * 255).round()), with the processor's PIL backend chosen explicitly so that resizing is the
+same on every machine. Weights load from a hub id or a local directory (save_pretrained layout);
+without network or local files, start-up fails naming the path and the config key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from rlft.errors import ConfigError
+from rlft.rewards.base import Reward, RewardOutput, load_pretrained, to_uint8
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> uint8 PIL images."""
+    return [Image.fromarray(a) for a in to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()]
+
+
+class _ClipReward(Reward):
+    """Shared: the image processor (PIL backend), dtype, device and batching of the inputs."""
+
+    def __init__(self, processor_path: str, processor_key: str, dtype: str, batch_size: int):
+        from transformers import AutoImageProcessor
+
+        self.image_processor = load_pretrained(AutoImageProcessor, processor_path, processor_key, backend="pil")
+        self.dtype = getattr(torch, dtype)
+        self.batch_size = batch_size
+        self.device = torch.device("cpu")
+
+    def to(self, device) -> _ClipReward:
+        self.device = torch.device(device)
+        for module in self.modules():
+            module.to(self.device)
+        return self
+
+    def modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = self.image_processor(images=to_pil(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, self.dtype)
+
+    def score(self, images, prompts, metadata) -> RewardOutput:
+        chunks = [
+            self.score_batch(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return RewardOutput(torch.cat(chunks).float().cpu())
+
+    def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PickScore(_ClipReward):
+    name = "pickscore"
+
+    def __init__(
+        self,
+        path: str = "yuvalkirstain/PickScore_v1",
+        processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        super().__init__(processor_path, "reward.processor_path", dtype, batch_size)
+        self.tokenizer = load_pretrained(AutoTokenizer, processor_path, "reward.processor_path")
+        self.model = load_pretrained(AutoModel, path, "reward.path").eval().requires_grad_(False).to(self.dtype)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.model]
+
+    def score_batch(self, images, prompts):
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        text = {k: v.to(self.device) for k, v in text.items()}
+        image_embeds = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output.float()
+        text_embeds = self.model.get_text_features(**text).pooler_output.float()
+        cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
+        return self.model.logit_scale.float().exp() * cosine
+
+
+class AestheticMLP(nn.Module):
+    """The LAION v2 predictor head; the module layout matches its published state dict (layers.N.*)."""
+
+    def __init__(self, embed_dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(embed_dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.layers(embeds)
+
+
+class Aesthetic(_ClipReward):
+    name = "aesthetic"
+
+    def __init__(
+        self,
+        mlp_path: str,
+        clip_path: str = "openai/clip-vit-large-patch14",
+        dtype: str = "float32",
+        batch_size: int = 32,
+    ):
+        from transformers import CLIPVisionModelWithProjection
+
+        file = Path(mlp_path).expanduser()
+        if not file.is_file():
+            raise ConfigError(
+                "reward.mlp_path",
+                f"aesthetic predictor weights '{mlp_path}' do not exist",
+                "download sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/"
+                "improved-aesthetic-predictor and set reward.mlp_path to it",
+            )
+        super().__init__(clip_path, "reward.clip_path", dtype, batch_size)
+        self.clip = load_pretrained(CLIPVisionModelWithProjection, clip_path, "reward.clip_path")
+        self.clip.eval().requires_grad_(False).to(self.dtype)
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        self.mlp = AestheticMLP(state["layers.0.weight"].shape[1]).eval().requires_grad_(False)
+        self.mlp.load_state_dict(state)
+        self.mlp.to(self.dtype)
+
+    def modules(self) -> list[nn.Module]:
+        return [self.clip, self.mlp]
+
+    def score_batch(self, images, prompts):
+        embeds = self.clip(pixel_values=self.pixel_values(images)).image_embeds
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True)
+        return self.mlp(embeds).squeeze(-1)

@@ -1,0 +1,92 @@
+"""PickScore and the LAION aesthetic predictor on tiny random CLIPs saved in the published layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlft.errors import ConfigError
+from rlft.rewards.clip import Aesthetic, AestheticMLP, PickScore
+
+
+def _tiny_clip_config():
+    from transformers import CLIPConfig
+
+    text = dict(
+        vocab_size=520, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=77, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+    )  # fmt: skip
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32)
+    vision = {**vision, "patch_size": 8, "projection_dim": 12}  # the vision tower alone reads its own
+    return CLIPConfig(text_config={**text, "projection_dim": 12}, vision_config=vision, projection_dim=12)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A CLIPModel + CLIPImageProcessor + character-level CLIP tokenizer, as PickScore_v1 is laid out."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    from rlft.models import _char_bpe_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("clip")
+    model = CLIPModel(_tiny_clip_config())
+    with torch.no_grad():
+        model.logit_scale.fill_(2.0)
+    model.save_pretrained(path)
+    tokenizer = _char_bpe_tokenizer(path / "_tok", max_length=77)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def _images(n=3, size=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g).float() / 255
+
+
+def test_pickscore_is_exp_logit_scale_times_cosine(tiny_clip):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    reward = PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), batch_size=2)  # two batches
+    images, prompts = _images(), ["a cat", "a dog on a mat", "blue"]
+    out = reward(images, prompts, [{}] * 3)
+    # independently: the full CLIP forward, its own embeddings, cosine by hand
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    processor = CLIPImageProcessor.from_pretrained(tiny_clip)
+    tokens = AutoTokenizer.from_pretrained(tiny_clip)(prompts, padding=True, return_tensors="pt")
+    pixels = processor(images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt")
+    with torch.no_grad():
+        full = model(pixel_values=pixels["pixel_values"], **tokens)
+    a, b = full.image_embeds, full.text_embeds
+    expected = torch.exp(torch.tensor(2.0)) * (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    assert torch.allclose(out.scores, expected, atol=1e-5), (out.scores, expected)
+
+
+def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tiny_clip, tmp_path):
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    torch.manual_seed(1)
+    head = AestheticMLP(embed_dim=12)
+    torch.save(head.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
+    reward = Aesthetic(mlp_path=str(tmp_path / "sac+logos+ava1-l14-linearMSE.pth"), clip_path=str(tiny_clip))
+    images = _images(seed=3)
+    out = reward(images, ["", "", ""], [{}] * 3)
+    vision = CLIPVisionModelWithProjection.from_pretrained(tiny_clip).eval()
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
+        images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        e = vision(pixel_values=pixels).image_embeds
+        e = e / e.norm(dim=-1, keepdim=True)
+        linear = [m for m in head.layers if isinstance(m, torch.nn.Linear)]  # no activations, dropout off
+        for layer in linear:
+            e = e @ layer.weight.T + layer.bias
+    assert torch.allclose(out.scores, e.squeeze(-1), atol=1e-5), (out.scores, e)
+
+
+def test_missing_weights_name_the_key_to_set(tmp_path):
+    with pytest.raises(ConfigError, match="reward.mlp_path: aesthetic predictor weights .* do not exist"):
+        Aesthetic(mlp_path=str(tmp_path / "nope.pth"))
+    with pytest.raises(ConfigError, match="reward.processor_path: '/nonexistent/clip' does not exist"):
+        PickScore(path="/nonexistent/pick", processor_path="/nonexistent/clip")
