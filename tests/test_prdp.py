@@ -190,3 +190,42 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         want = torch.cat([g.flatten() for g in expected])
         # float32 UNet: the two computations differ only in summation order
         assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm(), want.norm())
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_reference_policy_stays_fixed_while_the_policy_moves(tiny_path, finetune):
+    """A pipeline loaded from a local directory (model.path): after optimizer steps, log pi_ref of a
+    sampled trajectory is bit-identical (adapters off for LoRA, a frozen copy for full) and log pi is not."""
+    from rlft.models import DiffusionPolicy
+
+    torch.manual_seed(0)
+    policy = DiffusionPolicy.from_pretrained(str(tiny_path), finetune=finetune)
+    policy.keep_reference()
+    unet = policy.unet
+    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), 3, 1.0, 5.0)
+    negative, embeds = policy.encode_prompts([""]), policy.encode_prompts(["cat", "dog"])
+    reduce = PRDP().reduce_log_prob
+    traj = sampler.sample(
+        unet, policy.decode, embeds, negative, policy.latent_shape, torch.Generator().manual_seed(0), reduce
+    )
+
+    def log_probs(model):  # first step of both samples  [B]
+        args = (traj.latents[:, 0], traj.latents[:, 1], traj.timesteps[0], embeds, negative)
+        return reduce(sampler.log_prob(model, *args))
+
+    with torch.no_grad(), policy.reference(unet) as ref:
+        ref_before = log_probs(ref)
+    with torch.no_grad():
+        policy_before = log_probs(unet)
+    assert torch.allclose(policy_before, ref_before)  # before training, pi_theta = pi_ref
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-log_probs(unet).mean()).backward()
+        optimizer.step()
+    with torch.no_grad(), policy.reference(unet) as ref:
+        ref_after = log_probs(ref)
+    with torch.no_grad():
+        policy_after = log_probs(unet)
+    assert torch.equal(ref_before, ref_after)
+    assert (policy_after - policy_before).abs().min() > 1e-4, policy_after - policy_before
