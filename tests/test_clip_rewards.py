@@ -90,3 +90,22 @@ def test_missing_weights_name_the_key_to_set(tmp_path):
         Aesthetic(mlp_path=str(tmp_path / "nope.pth"))
     with pytest.raises(ConfigError, match="reward.processor_path: '/nonexistent/clip' does not exist"):
         PickScore(path="/nonexistent/pick", processor_path="/nonexistent/clip")
+
+
+def test_clipscore_is_100_times_the_clamped_cosine(tiny_clip):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    from rlft.rewards.clip import ClipScore
+
+    reward = ClipScore(path=str(tiny_clip))
+    images, prompts = _images(seed=5), ["a cat", "a dog on a mat", "blue"]
+    out = reward(images, prompts, [{}] * 3)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
+        images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt"
+    )["pixel_values"]
+    tokens = AutoTokenizer.from_pretrained(tiny_clip)(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = model(pixel_values=pixels, **tokens)
+    cosine = torch.nn.functional.cosine_similarity(full.image_embeds, full.text_embeds, dim=-1)
+    assert torch.allclose(out.scores, 100 * cosine.clamp_min(0), atol=1e-3), (out.scores, cosine)

@@ -152,3 +152,45 @@ class Aesthetic(_ClipReward):
         embeds = self.clip(pixel_values=self.pixel_values(images)).image_embeds
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.mlp(embeds).squeeze(-1)
+
+
+class _FeaturesAsTensors(nn.Module):
+    """transformers 5 returns output objects from get_{image,text}_features; torchmetrics 1.9 expects the
+    embeddings themselves (pooler_output)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+
+    def get_image_features(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs) -> torch.Tensor:
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
+class ClipScore(Reward):
+    """CLIPScore (Hessel et al. 2021) through torchmetrics: 100 * max(cos(E_img(x), E_txt(c)), 0)."""
+
+    name = "clipscore"
+
+    def __init__(self, path: str = "openai/clip-vit-large-patch14", dtype: str = "float32"):
+        from torchmetrics.multimodal.clip_score import CLIPScore
+        from transformers import CLIPModel, CLIPProcessor
+
+        model = load_pretrained(CLIPModel, path, "reward.path").eval().requires_grad_(False).to(getattr(torch, dtype))
+        processor = load_pretrained(CLIPProcessor, path, "reward.path", backend="pil")
+        self.metric = CLIPScore(model_name_or_path=lambda: (_FeaturesAsTensors(model), processor))
+
+    def to(self, device) -> ClipScore:
+        self.metric.to(device)
+        return self
+
+    def score(self, images, prompts, metadata) -> RewardOutput:
+        # torchmetrics reduces over its batch, so each image is its own update
+        scores = []
+        for image, prompt in zip(to_uint8(images), prompts):
+            scores.append(self.metric(image[None], [prompt]).float())
+        self.metric.reset()
+        return RewardOutput(torch.stack(scores).cpu())
