@@ -119,3 +119,39 @@ def test_empty_and_missing_prompt_files(cache_dir, tmp_path: Path):
     _assert_clean_error(result, "does not exist")
     result = run_cli([f"paths.output_root={tmp_path}", "dataset=file"], cache_dir)
     _assert_clean_error(result, "dataset.path")
+
+
+SWEEP_KEYS = {"program", "method", "metric", "parameters", "command"}
+
+
+def _sample_value(spec: dict):
+    """One value a W&B agent could draw for a parameter spec."""
+    if "values" in spec:
+        return spec["values"][0]
+    if "value" in spec:
+        return spec["value"]
+    assert {"min", "max"} <= set(spec), spec
+    return spec["min"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)
+def test_wandb_sweep_files_are_valid_and_their_commands_compose(path):
+    """Each W&B sweep: the keys an agent needs, a metric the runner logs, and a command line that composes
+    (the agent passes parameters as key=value, ${args_no_hyphens})."""
+    import yaml
+
+    sweep = yaml.safe_load(path.read_text())
+    assert SWEEP_KEYS <= set(sweep), SWEEP_KEYS - set(sweep)
+    assert sweep["method"] in ("grid", "random", "bayes")
+    assert sweep["metric"]["goal"] in ("maximize", "minimize")
+    assert sweep["metric"]["name"] in ("eval/reward/mean", "reward/mean") or sweep["metric"]["name"].startswith("eval/")
+    command = sweep["command"]
+    assert command[:4] == ["${env}", "python", "-m", "rlft"] and command[-1] == "${args_no_hyphens}"
+    fixed = command[4:-1]
+    drawn = [f"{key}={_sample_value(spec)}" for key, spec in sweep["parameters"].items()]
+    cfg = _compose([*fixed, *drawn])
+    validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    for key, spec in sweep["parameters"].items():
+        if key in ("algorithm", "model", "reward", "dataset"):
+            continue  # group choices, checked by composing
+        assert OmegaConf.select(cfg, key) == _sample_value(spec), key
