@@ -49,7 +49,9 @@ def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, launcher: list
         "PYTHONPATH": str(REPO),
         "HYDRA_FULL_ERROR": "0",
     }
-    cmd = (launcher or [sys.executable]) + ["-m", "rlft", "trainer.progress_bar=false", *args]
+    flags = [a for a in args if a.startswith("-") and not a.startswith("~")]  # e.g. -m (multirun) first
+    overrides = [a for a in args if a not in flags]
+    cmd = (launcher or [sys.executable]) + ["-m", "rlft", *flags, "trainer.progress_bar=false", *overrides]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
