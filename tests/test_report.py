@@ -40,5 +40,6 @@ def test_multirun_over_three_algorithms_and_the_report(cache_dir, tmp_path):
 
 
 def test_report_on_a_folder_without_runs_says_so(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "rlft.report", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    cmd = [sys.executable, "-m", "rlft.report", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert done.returncode != 0 and "no run (a folder with metrics.jsonl)" in done.stderr
