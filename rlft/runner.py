@@ -44,7 +44,8 @@ COMPLETE_MARKER = "run_state.json"
 RESUME_IGNORED_KEYS = (
     "resume",
     "trainer.epochs",
-    "trainer.eval_every",
+    "trainer.eval_",  # evaluation never feeds training: its sets, sizes, seed and schedule may change
+    "eval_datasets",
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
     "trainer.progress_bar",
