@@ -20,6 +20,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
+
 IGNORED = ("seed=", "run_name=", "resume=", "logger=", "paths.", "trainer.progress_bar=")
 
 
@@ -27,26 +29,18 @@ def find_runs(root: Path) -> list[Path]:
     return sorted(p.parent for p in root.rglob("metrics.jsonl"))
 
 
+def hydra_file(run: Path, name: str):
+    """The run's ``.hydra/<name>.yaml`` (overrides, config), or None where the run has none."""
+    path = run / ".hydra" / f"{name}.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
+
+
 def overrides_of(run: Path) -> list[str]:
     """The run's overrides that are not seeds or bookkeeping."""
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    if not overrides_file.is_file():
+    overrides = hydra_file(run, "overrides")
+    if overrides is None:
         return [run.name]
-    import yaml
-
-    overrides = yaml.safe_load(overrides_file.read_text()) or []
     return [o for o in overrides if not o.lstrip("+~").startswith(IGNORED)]
-
-
-def seed_of(run: Path) -> str:
-    overrides_file = run / ".hydra" / "overrides.yaml"
-    if overrides_file.is_file():
-        import yaml
-
-        for o in yaml.safe_load(overrides_file.read_text()) or []:
-            if o.startswith("seed="):
-                return o.split("=", 1)[1]
-    return "0"
 
 
 def read_rows(run: Path) -> list[dict]:
@@ -71,8 +65,8 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
-def summarise(groups: dict[str, list[tuple[str, list[dict]]]], samples_per_epoch: dict[str, float]) -> str:
-    sets = sorted({s for runs in groups.values() for _, rows in runs for s in eval_sets(rows)})
+def summarise(groups: dict[str, list[list[dict]]], samples_per_epoch: dict[str, float]) -> str:
+    sets = sorted({s for runs in groups.values() for rows in runs for s in eval_sets(rows)})
     head = ["method", "seeds", "images"]
     for s in sets:
         head += [f"{s}: first", f"{s}: last"]
@@ -82,11 +76,11 @@ def summarise(groups: dict[str, list[tuple[str, list[dict]]]], samples_per_epoch
         cells = [label, str(len(runs)), f"{samples_per_epoch[label]:.0f}"]
         for s in sets:
             key = f"eval/{s}/reward/mean"
-            evals = [[r[key] for r in rows if key in r] for _, rows in runs]
+            evals = [[r[key] for r in rows if key in r] for rows in runs]
             cells.append(_mean_std([e[0] for e in evals if e]))
             cells.append(_mean_std([e[-1] for e in evals if e]))
         thirds = []
-        for _, rows in runs:
+        for rows in runs:
             train = [r["reward/mean"] for r in rows if "reward/mean" in r]
             if train:
                 tail = train[-max(1, len(train) // 3) :]
@@ -108,20 +102,20 @@ def _band(ax, xs_per_run: list[list[float]], ys_per_run: list[list[float]], labe
         ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, color=line.get_color())
 
 
-def plot(groups: dict[str, list[tuple[str, list[dict]]]], samples_per_epoch: dict[str, float], out: Path) -> None:
+def plot(groups: dict[str, list[list[dict]]], samples_per_epoch: dict[str, float], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = sorted({s for runs in groups.values() for _, rows in runs for s in eval_sets(rows)})
+    sets = sorted({s for runs in groups.values() for rows in runs for s in eval_sets(rows)})
     panels = len(sets) + 1
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
     for ax, s in zip(axes[0], sets):
         key = f"eval/{s}/reward/mean"
         for label, runs in groups.items():
-            xs = [[r["epoch"] for r in rows if key in r] for _, rows in runs]
-            ys = [[r[key] for r in rows if key in r] for _, rows in runs]
+            xs = [[r["epoch"] for r in rows if key in r] for rows in runs]
+            ys = [[r[key] for r in rows if key in r] for rows in runs]
             _band(ax, xs, ys, label)
         ax.set_title(f"eval/{s}")
         ax.set_xlabel("epoch")
@@ -129,8 +123,8 @@ def plot(groups: dict[str, list[tuple[str, list[dict]]]], samples_per_epoch: dic
     ax = axes[0][-1]
     for label, runs in groups.items():
         per = samples_per_epoch[label]
-        xs = [[r["epoch"] * per for r in rows if "reward/mean" in r] for _, rows in runs]
-        ys = [[r["reward/mean"] for r in rows if "reward/mean" in r] for _, rows in runs]
+        xs = [[r["epoch"] * per for r in rows if "reward/mean" in r] for rows in runs]
+        ys = [[r["reward/mean"] for r in rows if "reward/mean" in r] for rows in runs]
         _band(ax, xs, ys, label)
     ax.set_title("training reward")
     ax.set_xlabel("sampled images")
@@ -142,13 +136,8 @@ def plot(groups: dict[str, list[tuple[str, list[dict]]]], samples_per_epoch: dic
 
 def samples_per_epoch_of(run: Path) -> float:
     """Global images per epoch, from the run's resolved config."""
-    config = run / ".hydra" / "config.yaml"
-    if config.is_file():
-        import yaml
-
-        t = (yaml.safe_load(config.read_text()) or {}).get("trainer", {})
-        return float(t.get("prompts_per_epoch", 0) * t.get("images_per_prompt", 0))
-    return 0.0
+    t = (hydra_file(run, "config") or {}).get("trainer", {})
+    return float(t.get("prompts_per_epoch", 0) * t.get("images_per_prompt", 0))
 
 
 def report(root: Path) -> tuple[Path, Path]:
@@ -157,11 +146,11 @@ def report(root: Path) -> tuple[Path, Path]:
         raise SystemExit(f"rlft.report: error: no run (a folder with metrics.jsonl) under {root}")
     overrides = {run: overrides_of(run) for run in runs}
     common = set.intersection(*(set(o) for o in overrides.values()))  # shared by every run: not a method
-    groups: dict[str, list[tuple[str, list[dict]]]] = defaultdict(list)
+    groups: dict[str, list[list[dict]]] = defaultdict(list)
     samples: dict[str, float] = {}
     for run in runs:
         label = " ".join(o for o in overrides[run] if o not in common) or "defaults"
-        groups[label].append((seed_of(run), read_rows(run)))
+        groups[label].append(read_rows(run))
         samples[label] = samples_per_epoch_of(run)
     groups = dict(sorted(groups.items()))
     table = summarise(groups, {k: v * _epochs(groups[k]) for k, v in samples.items()})
@@ -175,8 +164,8 @@ def report(root: Path) -> tuple[Path, Path]:
     return md, png
 
 
-def _epochs(runs: list[tuple[str, list[dict]]]) -> int:
-    return max((r.get("epoch", 0) for _, rows in runs for r in rows), default=0)
+def _epochs(runs: list[list[dict]]) -> int:
+    return max((r.get("epoch", 0) for rows in runs for r in rows), default=0)
 
 
 def main(argv: list[str] | None = None) -> None:

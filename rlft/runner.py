@@ -229,7 +229,7 @@ class Runner:
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
         self.reward: Reward = build(cfg.reward, "reward")
-        self.algorithm.check_reward(getattr(self.reward, "name", type(self.reward).__name__), self.reward.gives_maps)
+        self.algorithm.check_reward(self.reward.name, self.reward.gives_maps)
         named = {"dataset": self.dataset, **{f"eval_datasets.{k}": v for k, v in self.eval_datasets.items()}}
         for key, data in named.items():
             probe = data.evaluation_prompts(16)
@@ -470,11 +470,12 @@ class Runner:
             }
         )
         self._log_samples("samples", traj.images, rollout.prompts, rollout.rewards, step=self.epoch + 1)
-        if rollout.reward_maps is not None and self.algorithm.needs_reward_maps:
+        k = self.cfg.trainer.log_images
+        if rollout.reward_maps is not None and self.algorithm.needs_reward_maps and k > 0 and self.is_main:
             from rlft.loggers import overlay_maps
 
-            overlaid = overlay_maps(traj.images.cpu(), rollout.reward_maps)
-            self._log_samples("reward_maps", overlaid, rollout.prompts, rollout.rewards, step=self.epoch + 1)
+            overlaid = overlay_maps(traj.images[:k].cpu(), rollout.reward_maps[:k])  # only what is written
+            self._log_samples("reward_maps", overlaid, rollout.prompts[:k], rollout.rewards[:k], step=self.epoch + 1)
         self.epoch += 1
         return metrics
 

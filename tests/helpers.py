@@ -56,3 +56,9 @@ class SGDContext:
                 p -= self.lr * p.grad
                 p.grad = None
         return 0.0
+
+
+def all_log_probs(ctx, rollout, steps):
+    """log pi_theta of every sample at every step in ``steps``, through ``ctx`` (with the graph)  [B, T, ...]."""
+    B = rollout.batch_size
+    return torch.stack([ctx.log_prob(rollout, torch.arange(B), s.expand(B)) for s in steps], dim=1)

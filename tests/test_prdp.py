@@ -12,7 +12,7 @@ from rlft.algorithms.base import Rollout
 from rlft.algorithms.prdp import PRDP, pairs_of, prdp_coefficients, prdp_loss
 from rlft.errors import ConfigError
 from rlft.sampling import Sampler, make_scheduler
-from tests.helpers import SGDContext
+from tests.helpers import SGDContext, all_log_probs
 
 
 def _hand_loss(logp, old, ref, rewards, group, beta, eps, aggregation):
@@ -125,12 +125,6 @@ def test_prdp_rejects_bad_values():
 
 
 # --------------------------------------------------------------------------- two passes vs autograd
-def _all_log_probs(ctx, rollout, steps):
-    """log pi_theta at every (sample, step), with the graph  [B, T]."""
-    B = rollout.batch_size
-    return torch.stack([ctx.log_prob(rollout, torch.arange(B), s.expand(B)) for s in steps], dim=1)
-
-
 def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
     torch.manual_seed(0)
     policy = tiny_policy
@@ -168,7 +162,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
     dry.algorithm = algo
     algo.update(rollout, dry)
     with torch.no_grad():
-        moved = (_all_log_probs(dry, rollout, steps) - rollout.log_probs[:, steps]).abs()
+        moved = (all_log_probs(dry, rollout, steps) - rollout.log_probs[:, steps]).abs()
     unet.load_state_dict(theta0)
     algo.clip_range = float(moved.median())
     assert 0 < algo.clip_range < 1, algo.clip_range
@@ -184,7 +178,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         with torch.no_grad():
             for p, v in zip(params, ctx.params_before[k]):
                 p.copy_(v)
-        loss = prdp_loss(_all_log_probs(ctx, rollout, steps), old, ref, rewards, group, algo.beta, algo.clip_range)
+        loss = prdp_loss(all_log_probs(ctx, rollout, steps), old, ref, rewards, group, algo.beta, algo.clip_range)
         expected = torch.autograd.grad(loss, params)
         got = torch.cat([g.flatten() for g in ctx.grads[k]])
         want = torch.cat([g.flatten() for g in expected])

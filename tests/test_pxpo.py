@@ -13,7 +13,7 @@ from rlft.algorithms.ddpo import DDPO
 from rlft.algorithms.pxpo import PXPO, map_advantages, pool_to_latent
 from rlft.errors import ConfigError
 from rlft.sampling import Sampler, make_scheduler
-from tests.helpers import SGDContext
+from tests.helpers import SGDContext, all_log_probs
 
 
 def test_pooling_and_advantages_by_hand():
@@ -57,10 +57,20 @@ def _sampled(tiny_policy, prompts, algo, seed=1, steps=3):
     return unet, sampler, negative, traj
 
 
+class _SingleProcess:
+    rank, world_size = 0, 1
+
+    def gather(self, t):
+        return t
+
+    def gather_object(self, items):
+        return list(items)
+
+
 def _one_step_gradient(algo, rollout, unet, sampler, negative):
     ctx = SGDContext(unet, sampler, negative, tbs=rollout.batch_size, accum=1, lr=0.0)
     ctx.algorithm = algo
-    algo.prepare(rollout, comm=None)
+    algo.prepare(rollout, _SingleProcess())
     algo.update(rollout, ctx)
     assert len(ctx.grads) == 1
     return torch.cat([g.flatten() for g in ctx.grads[0]])
@@ -79,23 +89,8 @@ def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(tiny_policy):
     got = _one_step_gradient(pxpo, Rollout(traj, prompts, group, scores, maps), unet, sampler, negative)
 
     ddpo = DDPO(estimator="sf", log_prob_reduction="sum", stat_min_count=3)  # per-prompt stats of this batch
-
-    class _Gather:  # single process
-        rank, world_size = 0, 1
-
-        def gather(self, t):
-            return t
-
-        def gather_object(self, items):
-            return list(items)
-
     summed = dataclasses.replace(traj, log_probs=traj.log_probs.flatten(2).sum(dim=2))  # [B, S]
-    rollout = Rollout(summed, prompts, group, scores)
-    ctx = SGDContext(unet, sampler, negative, tbs=6, accum=1, lr=0.0)
-    ctx.algorithm = ddpo
-    ddpo.prepare(rollout, _Gather())
-    ddpo.update(rollout, ctx)
-    want = torch.cat([g.flatten() for g in ctx.grads[0]])
+    want = _one_step_gradient(ddpo, Rollout(summed, prompts, group, scores), unet, sampler, negative)
     assert want.norm() > 0
     assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm(), want.norm())
 
@@ -117,8 +112,7 @@ def test_left_positive_right_negative_map_moves_each_half_its_own_way(tiny_polic
     algo.update(rollout, ctx)
     steps = rollout.trainable_steps
     with torch.no_grad():
-        everyone = torch.arange(len(prompts))
-        after = torch.stack([ctx.log_prob(rollout, everyone, s.expand(len(prompts))) for s in steps], 1)
+        after = all_log_probs(ctx, rollout, steps)
     change = after - rollout.log_probs[:, steps]  # [B, T, h, w]
     w = change.shape[-1]
     left, right = change[..., : w // 2].sum(), change[..., w // 2 :].sum()
@@ -164,7 +158,7 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
         algo.update(rollout, ctx)
     steps = first_rollout.trainable_steps
     with torch.no_grad():
-        after = torch.stack([ctx.log_prob(first_rollout, torch.tensor([0]), s.expand(1)) for s in steps], 1)
+        after = all_log_probs(ctx, first_rollout, steps)
     change = after - first.log_probs[:, steps]  # [1, T, h, w]
     w = change.shape[-1]
     assert change[..., : w // 2].sum() > 0 > change[..., w // 2 :].sum()

@@ -58,15 +58,13 @@ def pool_to_latent(maps: Tensor, latent_hw: tuple[int, int]) -> Tensor:
 def map_advantages(rbar: Tensor, group: Tensor, baseline: str, std: str, comm: Comm | None = None) -> Tensor:
     """Per-position advantages from pooled maps  [B, h, w] (float64), before the clip."""
     centred = rbar.clone()
-    if baseline == "prompt_mean":
-        for g in torch.unique(group):
-            mine = group == g
-            centred[mine] = rbar[mine] - rbar[mine].mean(dim=0, keepdim=True)
-    if std == "prompt":
-        for g in torch.unique(group):
-            mine = group == g
-            centred[mine] = centred[mine] / (centred[mine].pow(2).mean().sqrt() + 1e-6)
-    elif std == "global":
+    for g in torch.unique(group):  # per prompt: its mean map, then its root-mean-square
+        mine = group == g
+        if baseline == "prompt_mean":
+            centred[mine] -= rbar[mine].mean(dim=0, keepdim=True)
+        if std == "prompt":
+            centred[mine] /= centred[mine].pow(2).mean().sqrt() + 1e-6
+    if std == "global":
         sums = torch.stack([centred.pow(2).sum(), torch.tensor(float(centred.numel()), dtype=centred.dtype)])
         total = comm.gather(sums[None]).sum(dim=0) if comm is not None else sums
         centred = centred / ((total[0] / total[1]).sqrt() + 1e-6)
