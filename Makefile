@@ -1,7 +1,8 @@
 # rlft — `make help` lists the targets.
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+# torch and torchvision as a matching pair (open_clip, for HPSv2, needs torchvision)
+TORCH ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -14,11 +15,11 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv with torch (CPU build; override TORCH=...) and rlft[dev]
+install: $(STAMP) ## create .venv with torch + torchvision (override TORCH="torch==... torchvision==...") and rlft[dev]
 
 demo: $(STAMP) ## run the embedded default finetuning (CPU, offline, a few minutes)
 	$(BIN)/python -m rlft run_name=demo-$$(date +%Y%m%d-%H%M%S)

@@ -174,6 +174,7 @@ def signature_schema(target: Any) -> tuple[type, dict[str, tuple]]:
         hints = {}
     fields, choices = [("_target_", str, dataclasses.field(default=""))], {}
     fields.append(("_partial_", bool, dataclasses.field(default=False)))
+    fields.append(("_recursive_", bool, dataclasses.field(default=True)))
     for name, param in sig.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD) or name == "self":
             continue

@@ -19,11 +19,16 @@ class ConfigError(RlftError):
     """A config value that cannot work: names the key and what to set."""
 
     def __init__(self, key: str, problem: str, fix: str | None = None):
-        self.key = key
+        self.key, self.problem, self.fix = key, problem, fix
         message = f"{key}: {problem}"
         if fix:
             message += f" ({fix})"
         super().__init__(message)
+
+    def moved(self, old_prefix: str, new_prefix: str) -> ConfigError:
+        """The same error for a component that lives under another key (``dataset`` -> ``eval_datasets.x``)."""
+        fix = self.fix.replace(f"{old_prefix}.", f"{new_prefix}.") if self.fix else None
+        return ConfigError(new_prefix + self.key[len(old_prefix) :], self.problem, fix)
 
 
 class RewardError(RlftError):

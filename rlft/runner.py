@@ -60,6 +60,9 @@ def build(node: DictConfig, group: str):
         return instantiate(node)
     except InstantiationException as exc:
         cause = exc.__cause__
+        if isinstance(cause, ConfigError) and group.startswith("eval_datasets.") and cause.key.startswith("dataset"):
+            # datasets name their keys as the training set's; an evaluation set's live under its own name
+            raise cause.moved("dataset", group) from None
         if isinstance(cause, RlftError):
             raise cause from None
         detail = str(cause) if cause is not None else str(exc)

@@ -39,20 +39,23 @@ def tiny_policy(tiny_path):
     return DiffusionPolicy.from_pretrained(str(tiny_path), finetune="full")
 
 
-def run_cli(args: list[str], cache_dir: Path, timeout: int = 600, launcher: list[str] | None = None):
-    """Run `python -m rlft <args>` in a subprocess (offline, no progress bars)."""
-    env = {
+def run_cli(
+    args: list[str], cache_dir: Path, timeout: int = 600, launcher: list[str] | None = None, env: dict | None = None
+):
+    """Run `python -m rlft <args>` in a subprocess (offline, no progress bars; ``env`` adds variables)."""
+    full_env = {
         **os.environ,
         "RLFT_CACHE": str(cache_dir),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
         "PYTHONPATH": str(REPO),
         "HYDRA_FULL_ERROR": "0",
+        **(env or {}),
     }
     flags = [a for a in args if a.startswith("-") and not a.startswith("~")]  # e.g. -m (multirun) first
     overrides = [a for a in args if a not in flags]
     cmd = (launcher or [sys.executable]) + ["-m", "rlft", *flags, "trainer.progress_bar=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

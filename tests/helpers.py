@@ -62,3 +62,40 @@ def all_log_probs(ctx, rollout, steps):
     """log pi_theta of every sample at every step in ``steps``, through ``ctx`` (with the graph)  [B, T, ...]."""
     B = rollout.batch_size
     return torch.stack([ctx.log_prob(rollout, torch.arange(B), s.expand(B)) for s in steps], dim=1)
+
+
+TINY_HPS_SIZE = 32  # the shrunk model's image size (224 in ViT-H-14)
+
+
+def save_tiny_hps(path) -> tuple:
+    """ViT-H-14's layout (embed_dim, vision_cfg, text_cfg; the CLIP tokenizer's 49408 tokens) with tiny
+    widths, saved as an open_clip model config and an HPS checkpoint of random weights
+    ({"state_dict": CLIP state dict}). Returns (config .json, checkpoint .pt)."""
+    import json
+
+    import open_clip
+
+    config = {
+        "embed_dim": 12,
+        "vision_cfg": {"image_size": TINY_HPS_SIZE, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1},
+    }
+    arch = path / "ViT-H-14-tiny.json"
+    arch.write_text(json.dumps(config))
+    open_clip.add_model_config(arch)
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-H-14-tiny", pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, path / "HPS_v2_compressed.pt")
+    return arch, path / "HPS_v2_compressed.pt"
+
+
+def write_hub_cache(cache, repo: str, files: dict, repo_type: str = "dataset") -> None:
+    """The Hugging Face cache layout that a download leaves: refs/main -> snapshots/<commit>/<files>."""
+    commit = "0" * 40
+    root = cache / f"{repo_type}s--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    for name, content in files.items():
+        target = root / "snapshots" / commit / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)

@@ -46,14 +46,14 @@ def _images(n=3, size=40, seed=0):
 
 
 def test_pickscore_is_exp_logit_scale_times_cosine(tiny_clip):
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     reward = PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), batch_size=2)  # two batches
     images, prompts = _images(), ["a cat", "a dog on a mat", "blue"]
     out = reward(images, prompts, [{}] * 3)
     # independently: the full CLIP forward, its own embeddings, cosine by hand
     model = CLIPModel.from_pretrained(tiny_clip).eval()
-    processor = CLIPImageProcessor.from_pretrained(tiny_clip)
+    processor = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")
     tokens = AutoTokenizer.from_pretrained(tiny_clip)(prompts, padding=True, return_tensors="pt")
     pixels = processor(images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt")
     with torch.no_grad():
@@ -64,7 +64,7 @@ def test_pickscore_is_exp_logit_scale_times_cosine(tiny_clip):
 
 
 def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tiny_clip, tmp_path):
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
 
     torch.manual_seed(1)
     head = AestheticMLP(embed_dim=12)
@@ -73,7 +73,7 @@ def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tiny_clip, tmp_p
     images = _images(seed=3)
     out = reward(images, ["", "", ""], [{}] * 3)
     vision = CLIPVisionModelWithProjection.from_pretrained(tiny_clip).eval()
-    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
+    pixels = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")(
         images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt"
     )["pixel_values"]
     with torch.no_grad():
@@ -93,7 +93,7 @@ def test_missing_weights_name_the_key_to_set(tmp_path):
 
 
 def test_clipscore_is_100_times_the_clamped_cosine(tiny_clip):
-    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+    from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
     from rlft.rewards.clip import ClipScore
 
@@ -101,7 +101,7 @@ def test_clipscore_is_100_times_the_clamped_cosine(tiny_clip):
     images, prompts = _images(seed=5), ["a cat", "a dog on a mat", "blue"]
     out = reward(images, prompts, [{}] * 3)
     model = CLIPModel.from_pretrained(tiny_clip).eval()
-    pixels = CLIPImageProcessor.from_pretrained(tiny_clip)(
+    pixels = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")(
         images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt"
     )["pixel_values"]
     tokens = AutoTokenizer.from_pretrained(tiny_clip)(prompts, padding=True, return_tensors="pt")
@@ -109,3 +109,50 @@ def test_clipscore_is_100_times_the_clamped_cosine(tiny_clip):
         full = model(pixel_values=pixels, **tokens)
     cosine = torch.nn.functional.cosine_similarity(full.image_embeds, full.text_embeds, dim=-1)
     assert torch.allclose(out.scores, 100 * cosine.clamp_min(0), atol=1e-3), (out.scores, cosine)
+
+
+def test_multi_reward_is_10_pickscore_plus_2_hpsv2_plus_005_aesthetic(tiny_clip, tmp_path):
+    """reward=multi_reward (PRDP Table 4) composed from config with every component on tiny local weights:
+    the total is the weighted sum of the components' own scores, and each component is reported."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from rlft.config import register_configs
+    from rlft.rewards.hps import HPSv2
+    from rlft.runner import build
+    from tests.conftest import REPO
+    from tests.helpers import save_tiny_hps
+
+    arch, checkpoint = save_tiny_hps(tmp_path)
+    torch.manual_seed(2)
+    torch.save(AestheticMLP(embed_dim=12).state_dict(), tmp_path / "mlp.pth")
+    overrides = [
+        "reward=multi_reward",
+        *(f"reward.rewards.pickscore.{k}={tiny_clip}" for k in ("path", "processor_path")),
+        f"reward.rewards.hpsv2.path={checkpoint}",
+        f"reward.rewards.hpsv2.arch={arch}",
+        f"reward.rewards.aesthetic.mlp_path={tmp_path / 'mlp.pth'}",
+        f"reward.rewards.aesthetic.clip_path={tiny_clip}",
+    ]
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        node = compose("config", overrides=overrides).reward
+    reward = build(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), "reward")
+    images, prompts = _images(seed=7), ["a cat", "a dog on a mat", "blue"]
+    out = reward(images, prompts, [{}] * 3)
+    parts = {
+        "pickscore": PickScore(path=str(tiny_clip), processor_path=str(tiny_clip))(images, prompts, [{}] * 3).scores,
+        "hpsv2": HPSv2(path=str(checkpoint), arch=str(arch))(images, prompts, [{}] * 3).scores,
+        "aesthetic": Aesthetic(mlp_path=str(tmp_path / "mlp.pth"), clip_path=str(tiny_clip))(
+            images, prompts, [{}] * 3
+        ).scores,
+    }
+    assert set(out.components) == set(parts)
+    for name, scores in parts.items():
+        assert torch.allclose(out.components[name], scores, atol=1e-6), name
+    expected = 10 * parts["pickscore"] + 2 * parts["hpsv2"] + 0.05 * parts["aesthetic"]
+    assert torch.allclose(out.scores, expected, atol=1e-5)
+    # a component's missing weights are reported under its own key
+    node.rewards.hpsv2.path = str(tmp_path / "nope.pt")
+    with pytest.raises(ConfigError, match=r"reward.rewards.hpsv2.path: HPS checkpoint .*nope.pt' does not exist"):
+        build(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), "reward")

@@ -101,6 +101,11 @@ BAD_INPUTS = [
     (["experiment=pxpo_feedback"], ["dataset.path: is required but not set"], 2),
     (["reward=pickscore"], ["reward.processor_path: cannot load 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'"], 2),
     (["reward=aesthetic"], ["reward.mlp_path: aesthetic predictor weights", "set reward.mlp_path"], 2),
+    (["reward=hpsv2"], ["reward.path: cannot fetch 'HPS_v2_compressed.pt' from the hub repo 'xswu/HPSv2'"], 2),
+    (["reward=multi_reward"], ["reward.rewards.pickscore.processor_path: cannot load"], 2),
+    (["algorithm=ddpo", "dataset=parti"], ["dataset.path: cannot fetch ['PartiPrompts.tsv'] of the hub dataset"], 2),
+    (["+dataset@eval_datasets.drawbench=drawbench"], ["eval_datasets.drawbench.path: cannot fetch", "set eval_datasets.drawbench.path to"], 2),
+    (["reward=hpsv2_1"], ["reward.path: cannot fetch 'HPS_v2.1_compressed.pt'", "HF_HUB_OFFLINE=1"], 2),
 ]
 
 

@@ -39,7 +39,7 @@ def test_score_is_the_mean_class_probability_of_the_processor_pipeline(tiny_segf
     out = reward(images, ["", ""], [{}, {}])
     assert out.maps.shape == (2, 32, 32) and torch.allclose(out.maps.sum(dim=(1, 2)), out.scores)
     # independently: the model's own image processor on PIL images, then the model, upsample, softmax
-    processor = AutoImageProcessor.from_pretrained(tiny_segformer)
+    processor = AutoImageProcessor.from_pretrained(tiny_segformer, backend="pil")
     model = SegformerForSemanticSegmentation.from_pretrained(tiny_segformer).eval()
     pil = [Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)) for img in images]
     with torch.no_grad():

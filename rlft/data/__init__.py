@@ -107,10 +107,72 @@ class NounsActivities(PromptDataset):
         return Prompt(f"{_article(noun)} {noun} {activity}", {"noun": noun, "activity": activity})
 
 
-class PromptFile(PromptDataset):
-    """Prompts from a local file: .txt (one per line), .jsonl (one object per line) or .csv.
+PROMPT_FILE_TYPES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
-    ``column`` names the field holding the prompt in jsonl/csv (default "prompt");
+
+def read_rows(
+    path: Path, column: str, fields: Sequence[str] | None = None, key: str = "dataset.path"
+) -> list[dict[str, Any]]:
+    """The rows of a prompt file, by suffix: .txt (one prompt per line), .json (a list of strings or of
+    objects), .jsonl (one object per line), .csv / .tsv (a header row), .parquet (only ``column`` and
+    ``fields`` are read when ``fields`` is given). A plain prompt (a .txt line, a string in a .json list)
+    becomes ``{column: prompt}``."""
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ""):
+        return [{column: line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if suffix == ".json":
+        items = json.loads(path.read_text())
+        if not isinstance(items, list):
+            raise ConfigError(key, f"'{path}' holds a JSON {type(items).__name__}", "expected a list of prompts")
+        return [item if isinstance(item, dict) else {column: item} for item in items]
+    if suffix in (".csv", ".tsv"):
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+        wanted = None if fields is None else [c for c in (column, *fields) if c in names]
+        return pq.read_table(path, columns=wanted or None).to_pylist()
+    raise ConfigError(key, f"unknown prompt file type '{suffix}'", f"use one of {', '.join(PROMPT_FILE_TYPES)}")
+
+
+def prompts_from_rows(
+    rows: list[Mapping[str, Any]],
+    column: str,
+    source: str,
+    metadata: Sequence[str] | None = None,
+    unique: bool = False,
+    key: str = "dataset",
+) -> list[Prompt]:
+    """Prompts from ``rows[i][column]`` (stripped; empty ones dropped). ``metadata`` names the fields kept
+    with each prompt (None: every other field). ``unique`` keeps the first of repeated prompts."""
+    if not rows:
+        raise ConfigError(f"{key}.path", f"'{source}' holds no prompts", "add one prompt per line or row")
+    if column not in rows[0]:
+        raise ConfigError(f"{key}.column", f"'{column}' is not a field of '{source}'", f"fields: {', '.join(rows[0])}")
+    missing = [m for m in metadata or () if m not in rows[0]]
+    if missing:
+        raise ConfigError(f"{key}.metadata", f"{missing} are not fields of '{source}'", f"fields: {', '.join(rows[0])}")
+    prompts, seen = [], set()
+    for row in rows:
+        text = str(row[column] or "").strip()
+        if not text or (unique and text in seen):
+            continue
+        seen.add(text)
+        fields = metadata if metadata is not None else [k for k in row if k != column]
+        prompts.append(Prompt(text, {k: row[k] for k in fields}))
+    if not prompts:
+        raise ConfigError(f"{key}.path", f"'{source}' holds only empty prompts")
+    return prompts
+
+
+class PromptFile(PromptDataset):
+    """Prompts from a local file: .txt (one per line), .json, .jsonl, .csv, .tsv or .parquet.
+
+    ``column`` names the field holding the prompt (default "prompt");
     the other fields become the prompt's metadata.
     """
 
@@ -119,26 +181,7 @@ class PromptFile(PromptDataset):
         self.name = p.stem
         if not p.is_file():
             raise ConfigError("dataset.path", f"prompt file '{path}' does not exist", "set dataset.path to a file")
-        suffix = p.suffix.lower()
-        if suffix == ".jsonl":
-            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-        elif suffix == ".csv":
-            with p.open(newline="") as f:
-                rows = list(csv.DictReader(f))
-        elif suffix in (".txt", ""):
-            rows = [{column: line.strip()} for line in p.read_text().splitlines() if line.strip()]
-        else:
-            raise ConfigError("dataset.path", f"unknown prompt file type '{suffix}'", "use .txt, .jsonl or .csv")
-        if not rows:
-            raise ConfigError("dataset.path", f"prompt file '{path}' holds no prompts", "add one prompt per line")
-        if column not in rows[0]:
-            raise ConfigError(
-                "dataset.column", f"'{column}' is not a field of '{path}'", f"fields: {', '.join(rows[0])}"
-            )
-        self.prompts = [Prompt(str(r[column]).strip(), {k: v for k, v in r.items() if k != column}) for r in rows]
-        self.prompts = [pr for pr in self.prompts if pr.text]
-        if not self.prompts:
-            raise ConfigError("dataset.path", f"prompt file '{path}' holds only empty prompts")
+        self.prompts = prompts_from_rows(read_rows(p, column), column, path)
 
     def __len__(self) -> int:
         return len(self.prompts)

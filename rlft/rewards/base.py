@@ -66,11 +66,15 @@ class WeightedSum(Reward):
 
     name = "weighted_sum"
 
-    def __init__(self, rewards: Mapping[str, Reward], weights: Mapping[str, float]):
+    def __init__(self, rewards: Mapping[str, Any], weights: Mapping[str, float]):
         missing = set(rewards) ^ set(weights)
         if missing:
-            raise ValueError(f"reward weights and components differ on {sorted(missing)}")
-        self.rewards = dict(rewards)
+            raise ConfigError(
+                "reward.weights", f"weights and components differ on {sorted(missing)}", "give one weight per reward"
+            )
+        # components given as configs (``_recursive_: false``) are built here, so that their errors
+        # name their own keys (reward.rewards.<name>.path)
+        self.rewards = {name: _build_component(name, r) for name, r in rewards.items()}
         self.weights = dict(weights)
         self.gives_maps = all(r.gives_maps for r in self.rewards.values())
 
@@ -97,6 +101,21 @@ class WeightedSum(Reward):
                 total_map = total_map + w * out.maps
             components[key] = out.scores
         return RewardOutput(total, total_map if self.gives_maps else None, components)
+
+
+def _build_component(name: str, reward: Any) -> Reward:
+    if isinstance(reward, Reward):
+        return reward
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(reward)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError) and cause.key.startswith("reward"):
+            raise cause.moved("reward", f"reward.rewards.{name}") from None
+        raise ConfigError(f"reward.rewards.{name}", f"cannot build: {str(cause or exc).splitlines()[0]}") from None
 
 
 def to_uint8(images: Tensor) -> Tensor:
