@@ -104,7 +104,11 @@ BAD_INPUTS = [
     (["reward=hpsv2"], ["reward.path: cannot fetch 'HPS_v2_compressed.pt' from the hub repo 'xswu/HPSv2'"], 2),
     (["reward=multi_reward"], ["reward.rewards.pickscore.processor_path: cannot load"], 2),
     (["algorithm=ddpo", "dataset=parti"], ["dataset.path: cannot fetch ['PartiPrompts.tsv'] of the hub dataset"], 2),
-    (["+dataset@eval_datasets.drawbench=drawbench"], ["eval_datasets.drawbench.path: cannot fetch", "set eval_datasets.drawbench.path to"], 2),
+    (
+        ["+dataset@eval_datasets.drawbench=drawbench"],
+        ["eval_datasets.drawbench.path: cannot fetch", "set eval_datasets.drawbench.path to"],
+        2,
+    ),
     (["reward=hpsv2_1"], ["reward.path: cannot fetch 'HPS_v2.1_compressed.pt'", "HF_HUB_OFFLINE=1"], 2),
 ]
 
