@@ -34,11 +34,25 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def distributed_env_from_slurm() -> None:
+    """Under Hydra's submitit launcher with several tasks per job (one per GPU), export the
+    torch.distributed variables that accelerate reads (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT) from SLURM's, unless a launcher (accelerate launch, torchrun) has set them."""
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or "RANK" in os.environ:
+        return
+    if int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Validate the config, then run; returns the last evaluation reward (for sweepers)."""
     try:
         validate(cfg)
+        distributed_env_from_slurm()
         _quiet_libraries()
         from rlft.runner import Runner
 

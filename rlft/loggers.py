@@ -1,13 +1,18 @@
-"""Run logging: metrics.jsonl and captioned sample grids in the run directory, mirrored to W&B.
+"""Run logging: metrics, sample grids, reward histograms and evaluation tables in the run directory,
+mirrored to W&B.
 
-``logger=none`` writes only the local files; ``logger=wandb`` also mirrors
-every metric and image to W&B: online when an API key is configured
-(``WANDB_API_KEY`` or ``wandb login``), otherwise offline into the run
-directory, with one line saying how to sync it. Only the main process logs.
+Local files (``logger=none``): ``metrics.jsonl`` (one JSON object per logged step),
+``samples/<key>_<step>.png`` (captioned grids), ``histograms.jsonl`` (every training reward of each
+epoch) and ``tables/<key>_<step>.csv`` (one row per evaluation image: prompt, reward).
+``logger=wandb`` also sends each to W&B (scalars, ``wandb.Image`` lists with captions,
+``wandb.Histogram``, ``wandb.Table``): online when an API key is configured (``WANDB_API_KEY`` or
+``wandb login``), otherwise offline into the run directory, with one line saying how to sync it.
+Only the main process logs.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import netrc
@@ -49,6 +54,20 @@ class LocalLogger:
         captioned_grid(images, captions, self.images_per_row).save(path)
         return path
 
+    def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
+        row = {"step": step, "key": key, "values": [round(float(v), 6) for v in values.flatten()]}
+        with open(self.run_dir / "histograms.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> Path:
+        path = self.run_dir / "tables" / f"{key.replace('/', '_')}_{step:05d}.csv"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows([[_plain(v) for v in row] for row in rows])
+        return path
+
     def finish(self) -> None:
         pass
 
@@ -80,14 +99,17 @@ class WandbLogger(LocalLogger):
         mode = self.mode
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_logged_in() else "offline")
+        choices = _hydra_choices()
+        group = self.group or default_group(choices)
+        tags = [*self.tags, *(choices[k] for k in TAG_GROUPS if choices.get(k))]
         id_file = self.run_dir / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
         id_file.write_text(run_id)
         self.run = wandb.init(
             project=self.project,
             entity=self.entity,
-            group=self.group,
-            tags=self.tags,
+            group=group,
+            tags=list(dict.fromkeys(tags)),
             name=self.run_dir.name,
             id=run_id,
             resume="allow",
@@ -109,9 +131,43 @@ class WandbLogger(LocalLogger):
         self.run.log({key: [wandb.Image(_to_pil(img), caption=cap) for img, cap in zip(images, captions)]}, step=step)
         return path
 
+    def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
+        import wandb
+
+        super().log_histogram(key, values, step)
+        self.run.log({key: wandb.Histogram(values.flatten().float().numpy())}, step=step)
+
+    def log_table(self, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> Path:
+        import wandb
+
+        path = super().log_table(key, columns, rows, step)
+        self.run.log({key: wandb.Table(columns=list(columns), data=[[_plain(v) for v in r] for r in rows])}, step=step)
+        return path
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+# the config groups whose choices become W&B tags (filter and compare runs by them)
+TAG_GROUPS = ("algorithm", "reward", "model", "dataset", "experiment")
+
+
+def _hydra_choices() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}
+    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+
+
+def default_group(choices: Mapping[str, str]) -> str | None:
+    """W&B group: one configuration across seeds (``<experiment>/<algorithm>-<reward>-<model>-<dataset>``),
+    so that a dashboard averages seeds and compares methods."""
+    if not choices:
+        return None
+    name = "-".join(choices.get(k, "?") for k in ("algorithm", "reward", "model", "dataset"))
+    return f"{choices['experiment']}/{name}" if choices.get("experiment") else name
 
 
 def _wandb_logged_in() -> bool:

@@ -450,6 +450,8 @@ class Runner:
         for name, values in rewards.components.items():
             if len(rewards.components) > 1:
                 metrics[f"reward/{name}/mean"] = float(comm.gather(values).mean())
+        if self.is_main:
+            self.logger.log_histogram("reward/hist", global_rewards, step=self.epoch + 1)
         if self._handle_nan(rollout, rewards):
             metrics["reward/nan_epochs_skipped"] = 1.0
             self.epoch += 1
@@ -495,15 +497,19 @@ class Runner:
         and runs): ``eval/<name>/reward/{mean,std}`` per dataset, and ``eval/reward/mean``, their mean."""
         out: dict[str, float] = {"epoch": self.epoch}
         for name, dataset in self.eval_datasets.items():
-            scores = self._evaluate_on(name, dataset)
+            prompts, scores = self._evaluate_on(name, dataset)
+            if self.is_main:
+                rows = [(prompt, float(score)) for prompt, score in zip(prompts, scores)]
+                self.logger.log_table(f"eval/{name}/table", ["prompt", "reward"], rows, step=self.epoch)
             out[f"eval/{name}/reward/mean"] = float(scores.mean())
             out[f"eval/{name}/reward/std"] = float(scores.std(unbiased=False))
         means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
         out["eval/reward/mean"] = sum(means) / len(means)
         return out
 
-    def _evaluate_on(self, name: str, dataset: PromptDataset) -> torch.Tensor:
-        """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds."""
+    def _evaluate_on(self, name: str, dataset: PromptDataset) -> tuple[list[str], torch.Tensor]:
+        """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds,
+        with the prompt of each score."""
         t = self.cfg.trainer
         prompts = dataset.evaluation_prompts(t.eval_num_prompts)
         prompts = [p for p in prompts for _ in range(t.eval_images_per_prompt)]
@@ -516,7 +522,8 @@ class Runner:
             traj, rewards, _ = self._sample(mine, gen, f"evaluating on {name}")
             local = rewards.scores
             self._log_samples(f"eval/{name}", traj.images, [p.text for p in mine], local, step=self.epoch)
-        return torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
+        scores = torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
+        return [p.text for r in range(world) for p in prompts[r::world]], scores
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:

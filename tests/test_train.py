@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +57,17 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_seen_00008.png").exists()
     assert (run / "checkpoints" / "epoch_00008" / "trainable.safetensors").exists()
     assert "wandb: offline run" in result.stdout and any((run / "wandb").glob("offline-run-*"))
+    # every training reward of every epoch, and one evaluation table row per evaluation image
+    hists = [json.loads(line) for line in (run / "histograms.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hists] == list(range(1, 9)) and all(len(h["values"]) == 16 for h in hists)
+    assert abs(sum(hists[-1]["values"]) / 16 - train[-1]["reward/mean"]) < 1e-4
+    with open(run / "tables" / "eval_seen_table_00008.csv") as f:
+        table = list(csv.DictReader(f))
+    seen = [r["eval/seen/reward/mean"] for r in rows if "eval/seen/reward/mean" in r][-1]
+    assert len(table) == 16 * 2 and abs(sum(float(r["reward"]) for r in table) / 32 - seen) < 1e-4
+    assert {r["prompt"] for r in table} <= set(PackagedPrompts("simple_animals").prompts)
+    wandb_table = next((run / "wandb").glob("offline-run-*/files/media/table/eval/seen/table_8_*.table.json"))
+    assert len(json.loads(wandb_table.read_text())["data"]) == 32
 
 
 def _strip_perf(rows):
