@@ -80,6 +80,11 @@ def test_hps_bad_settings_fail_with_the_key(tiny_hps, tmp_path):
         HPSv2(path=str(tiny_hps / "HPS_v2_compressed.pt"), arch="ViT-Q-99")
     with pytest.raises(ConfigError, match="reward.path: .* does not fit open_clip ViT-B-32"):
         HPSv2(path=str(tiny_hps / "HPS_v2_compressed.pt"), arch="ViT-B-32")
+    (tmp_path / "truncated.pt").write_bytes((tiny_hps / "HPS_v2_compressed.pt").read_bytes()[:1000])
+    with pytest.raises(ConfigError, match="reward.path: cannot read .*truncated.pt' as an HPS checkpoint"):
+        HPSv2(path=str(tmp_path / "truncated.pt"), arch=str(tiny_hps / "ViT-H-14-tiny.json"))
+    with pytest.raises(ConfigError, match="reward.dtype: 'half' is not one of"):
+        HPSv2(path=str(tiny_hps / "HPS_v2_compressed.pt"), dtype="half")
 
 
 def test_offline_run_from_a_populated_hub_cache(cache_dir, tmp_path):

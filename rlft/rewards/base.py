@@ -118,6 +118,15 @@ def _build_component(name: str, reward: Any) -> Reward:
         raise ConfigError(f"reward.rewards.{name}", f"cannot build: {str(cause or exc).splitlines()[0]}") from None
 
 
+def score_in_batches(score_batch, images: Tensor, prompts: Sequence[str], batch_size: int) -> RewardOutput:
+    """``score_batch(images, prompts) -> [b]`` over chunks of ``batch_size`` images, concatenated."""
+    chunks = [
+        score_batch(images[i : i + batch_size], list(prompts[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return RewardOutput(torch.cat(chunks).float().cpu())
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """[0, 1] floats -> uint8 as (x * 255).round().clamp(0, 255)  (DESIGN 4)."""
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)

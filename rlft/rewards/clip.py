@@ -26,7 +26,7 @@ from PIL import Image
 from torch import nn
 
 from rlft.errors import ConfigError
-from rlft.rewards.base import Reward, RewardOutput, load_pretrained, to_uint8
+from rlft.rewards.base import Reward, RewardOutput, load_pretrained, score_in_batches, to_uint8
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -59,11 +59,7 @@ class _ClipReward(Reward):
         return pixels.to(self.device, self.dtype)
 
     def score(self, images, prompts, metadata) -> RewardOutput:
-        chunks = [
-            self.score_batch(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return RewardOutput(torch.cat(chunks).float().cpu())
+        return score_in_batches(self.score_batch, images, prompts, self.batch_size)
 
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlft.errors import ConfigError
-from rlft.rewards.base import Reward, RewardOutput
+from rlft.rewards.base import Reward, RewardOutput, score_in_batches
 from rlft.rewards.clip import to_pil
 
 HPS_REPO = "xswu/HPSv2"
@@ -81,6 +81,8 @@ class HPSv2(Reward):
     ):
         import open_clip
 
+        if dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError("reward.dtype", f"'{dtype}' is not one of float32, float16, bfloat16")
         if version not in HPS_FILES:
             raise ConfigError("reward.version", f"unknown HPS version '{version}'", f"choose {' or '.join(HPS_FILES)}")
         self.name = "hpsv2" if version == "v2.0" else "hpsv2_1"
@@ -97,11 +99,15 @@ class HPSv2(Reward):
         model_name = open_clip_architecture(arch)
         # the HPS checkpoint holds every CLIP weight: no pretrained tower is fetched, nothing else is read
         self.model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, output_dict=True)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, truncated download, pickled objects
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError("reward.path", f"cannot read '{file}' as an HPS checkpoint: {first}") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
         try:
             self.model.load_state_dict(state)
-        except RuntimeError as exc:
+        except (RuntimeError, TypeError, AttributeError) as exc:
             first = str(exc).splitlines()[0]
             raise ConfigError("reward.path", f"'{file}' does not fit open_clip {arch}: {first}") from None
         self.model.eval().requires_grad_(False).to(getattr(torch, dtype))
@@ -120,11 +126,7 @@ class HPSv2(Reward):
         return self
 
     def score(self, images, prompts, metadata) -> RewardOutput:
-        chunks = [
-            self.score_batch(images[i : i + self.batch_size], list(prompts[i : i + self.batch_size]))
-            for i in range(0, len(images), self.batch_size)
-        ]
-        return RewardOutput(torch.cat(chunks).float().cpu())
+        return score_in_batches(self.score_batch, images, prompts, self.batch_size)
 
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in to_pil(images)]).to(self.device, self.dtype)
