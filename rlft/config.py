@@ -30,7 +30,7 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from rlft.errors import ConfigError
+from rlft.errors import ConfigError, RlftError
 
 COMPONENT_GROUPS = ("model", "reward", "algorithm", "dataset", "logger", "optimizer")
 # evaluation sets: a named dict filled from the dataset group, dataset@eval_datasets.<name>=<option>
@@ -200,6 +200,26 @@ def signature_schema(target: Any) -> tuple[type, dict[str, tuple]]:
 def _short(exc: OmegaConfBaseException) -> str:
     msg = str(exc).split("\n")[0]
     return msg.replace("__main__.", "")
+
+
+def build(node: DictConfig, group: str, home: str | None = None):
+    """``hydra.utils.instantiate`` whose errors name the config key instead of wrapping the cause.
+
+    A component names its keys as if it lived at ``home`` ("dataset.path"); built at another key
+    (``group`` = "eval_datasets.unseen", "reward.rewards.hpsv2"), its errors are moved there."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, ConfigError) and home and cause.key.split(".")[0] == home:
+            raise cause.moved(home, group) from None
+        if isinstance(cause, RlftError):
+            raise cause from None
+        detail = str(cause) if cause is not None else str(exc)
+        raise ConfigError(group, f"cannot build {node.get('_target_')}: {detail.strip().splitlines()[0]}") from None
 
 
 def validate_component(group: str, node: DictConfig) -> None:

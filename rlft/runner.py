@@ -25,14 +25,12 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from rlft.algorithms.base import Algorithm, Rollout
-from rlft.config import NaNPolicy
+from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
 from rlft.errors import ConfigError, RewardError, RlftError
 from rlft.models import DiffusionPolicy
@@ -52,21 +50,6 @@ RESUME_IGNORED_KEYS = (
     "trainer.log_images",
     "logger",
 )
-
-
-def build(node: DictConfig, group: str):
-    """``hydra.utils.instantiate`` whose errors name the config group instead of wrapping the cause."""
-    try:
-        return instantiate(node)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConfigError) and group.startswith("eval_datasets.") and cause.key.startswith("dataset"):
-            # datasets name their keys as the training set's; an evaluation set's live under its own name
-            raise cause.moved("dataset", group) from None
-        if isinstance(cause, RlftError):
-            raise cause from None
-        detail = str(cause) if cause is not None else str(exc)
-        raise ConfigError(group, f"cannot build {node.get('_target_')}: {detail.strip().splitlines()[0]}") from None
 
 
 def seeded_generator(*key: int) -> torch.Generator:
@@ -227,7 +210,9 @@ class Runner:
         # cheap components first: config mistakes surface before any weights load
         self.dataset: PromptDataset = build(cfg.dataset, "dataset")
         self.eval_datasets: dict[str, PromptDataset] = {  # none when evaluation is off (eval_every=0)
-            name: build(node, f"eval_datasets.{name}") for name, node in cfg.eval_datasets.items() if t.eval_every > 0
+            name: build(node, f"eval_datasets.{name}", home="dataset")
+            for name, node in cfg.eval_datasets.items()
+            if t.eval_every > 0
         }
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)

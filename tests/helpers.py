@@ -21,6 +21,18 @@ class NaNForPrompt(Reward):
         return RewardOutput(torch.where(bad, torch.full_like(scores, float("nan")), scores))
 
 
+class SingleProcessComm:
+    """The runner's process communicator for one process: gathers return their input."""
+
+    rank, world_size = 0, 1
+
+    def gather(self, t):
+        return t
+
+    def gather_object(self, items):
+        return list(items)
+
+
 class SGDContext:
     """TrainContext over a real UNet: records each optimizer step's gradient, then takes a plain SGD step."""
 

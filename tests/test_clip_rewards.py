@@ -117,9 +117,8 @@ def test_multi_reward_is_10_pickscore_plus_2_hpsv2_plus_005_aesthetic(tiny_clip,
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from rlft.config import register_configs
+    from rlft.config import build, register_configs
     from rlft.rewards.hps import HPSv2
-    from rlft.runner import build
     from tests.conftest import REPO
     from tests.helpers import save_tiny_hps
 

@@ -11,6 +11,7 @@ from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.sampling import Trajectory
+from tests.helpers import SingleProcessComm
 
 
 def test_ppo_clip_loss_hand_values():
@@ -61,16 +62,6 @@ def test_stat_tracker_bounds_prompts_and_round_trips():
     assert {k: list(v) for k, v in clone.stats.items()} == {k: list(v) for k, v in tracker.stats.items()}
 
 
-class _FakeComm:
-    rank, world_size = 0, 1
-
-    def gather(self, t):
-        return t
-
-    def gather_object(self, items):
-        return list(items)
-
-
 class _RecordingContext:
     """A TrainContext whose 'policy' is a parameter per (sample, step): records the schedule."""
 
@@ -112,7 +103,7 @@ def test_ddpo_schedule_inner_epochs_timestep_fraction_accumulation():
     B, S = 8, 6
     algo = DDPO(timestep_fraction=0.5, num_inner_epochs=2, stat_min_count=1)
     rollout = _rollout(B, S, stochastic=torch.tensor([True, True, True, True, True, False]))
-    algo.prepare(rollout, _FakeComm())
+    algo.prepare(rollout, SingleProcessComm())
     ctx = _RecordingContext(B, S, tbs=2, accum=2)
     metrics = algo.update(rollout, ctx)
     trainable = 5
@@ -135,7 +126,7 @@ def test_ddpo_gradient_is_minus_advantage_over_normaliser():
     B, S = 4, 3
     algo = DDPO(estimator="sf", per_prompt_stat_tracking=False)
     rollout = _rollout(B, S)
-    algo.prepare(rollout, _FakeComm())
+    algo.prepare(rollout, SingleProcessComm())
     ctx = _RecordingContext(B, S, tbs=2, accum=1)
     algo.update(rollout, ctx)
     adv = rollout.advantages.clamp(-5, 5)

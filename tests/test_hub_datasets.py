@@ -10,9 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlft.config import register_configs
+from rlft.config import build, register_configs
 from rlft.errors import ConfigError
-from rlft.runner import build
 from tests.conftest import REPO
 
 

@@ -13,7 +13,7 @@ from rlft.algorithms.ddpo import DDPO
 from rlft.algorithms.pxpo import PXPO, map_advantages, pool_to_latent
 from rlft.errors import ConfigError
 from rlft.sampling import Sampler, make_scheduler
-from tests.helpers import SGDContext, all_log_probs
+from tests.helpers import SGDContext, SingleProcessComm, all_log_probs
 
 
 def test_pooling_and_advantages_by_hand():
@@ -57,20 +57,10 @@ def _sampled(tiny_policy, prompts, algo, seed=1, steps=3):
     return unet, sampler, negative, traj
 
 
-class _SingleProcess:
-    rank, world_size = 0, 1
-
-    def gather(self, t):
-        return t
-
-    def gather_object(self, items):
-        return list(items)
-
-
 def _one_step_gradient(algo, rollout, unet, sampler, negative):
     ctx = SGDContext(unet, sampler, negative, tbs=rollout.batch_size, accum=1, lr=0.0)
     ctx.algorithm = algo
-    algo.prepare(rollout, _SingleProcess())
+    algo.prepare(rollout, SingleProcessComm())
     algo.update(rollout, ctx)
     assert len(ctx.grads) == 1
     return torch.cat([g.flatten() for g in ctx.grads[0]])

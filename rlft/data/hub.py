@@ -41,7 +41,6 @@ class HubPrompts(PromptDataset):
         if not files:
             raise ConfigError("dataset.files", "is empty", "name the repo files that hold the prompts")
         self.name = name
-        self.repo = repo
         paths = self._local_files(path, files) if path else self._hub_files(repo, files, revision)
         rows = [row for p in paths for row in read_rows(p, column, metadata)]
         self.prompts = prompts_from_rows(rows, column, path or repo, metadata, unique)

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rlft.config import build
 from rlft.errors import ConfigError
 
 
@@ -74,7 +75,10 @@ class WeightedSum(Reward):
             )
         # components given as configs (``_recursive_: false``) are built here, so that their errors
         # name their own keys (reward.rewards.<name>.path)
-        self.rewards = {name: _build_component(name, r) for name, r in rewards.items()}
+        self.rewards = {
+            name: r if isinstance(r, Reward) else build(r, f"reward.rewards.{name}", home="reward")
+            for name, r in rewards.items()
+        }
         self.weights = dict(weights)
         self.gives_maps = all(r.gives_maps for r in self.rewards.values())
 
@@ -101,21 +105,6 @@ class WeightedSum(Reward):
                 total_map = total_map + w * out.maps
             components[key] = out.scores
         return RewardOutput(total, total_map if self.gives_maps else None, components)
-
-
-def _build_component(name: str, reward: Any) -> Reward:
-    if isinstance(reward, Reward):
-        return reward
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(reward)
-    except InstantiationException as exc:
-        cause = exc.__cause__
-        if isinstance(cause, ConfigError) and cause.key.startswith("reward"):
-            raise cause.moved("reward", f"reward.rewards.{name}") from None
-        raise ConfigError(f"reward.rewards.{name}", f"cannot build: {str(cause or exc).splitlines()[0]}") from None
 
 
 def score_in_batches(score_batch, images: Tensor, prompts: Sequence[str], batch_size: int) -> RewardOutput:
