@@ -5,9 +5,10 @@ logging, evaluation and checkpoints. It never branches on the algorithm: what
 an algorithm needs from the rollout it declares (``needs_reference``,
 ``needs_reward_maps``, ``reduce_log_prob``) and its update is its own.
 
-Reproducibility: every random draw of epoch e on process p comes from a
-generator seeded by (seed, e, p, purpose), so a run resumed from a checkpoint
-continues exactly as an uninterrupted one would.
+Reproducibility: every random draw comes from a generator seeded by what it
+is for (``rlft.seeding``): each sample's noise by (seed, epoch, sample index),
+so batch sizes and the number of processes do not change what a run samples,
+and a run resumed from a checkpoint continues exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
@@ -36,6 +36,7 @@ from rlft.errors import ConfigError, RewardError, RlftError
 from rlft.models import DiffusionPolicy
 from rlft.rewards.base import Reward, RewardOutput
 from rlft.sampling import Sampler, Trajectory, make_scheduler
+from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
 
 TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_MARKER = "run_state.json"
@@ -50,14 +51,6 @@ RESUME_IGNORED_KEYS = (
     "trainer.log_images",
     "logger",
 )
-
-
-def seeded_generator(*key: int) -> torch.Generator:
-    """A CPU generator seeded by a tuple of ints (seed, epoch, process, purpose)."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]))
-
-
-PURPOSE_SAMPLE, PURPOSE_TRAIN, PURPOSE_EVAL = 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -163,11 +156,14 @@ class _RunState:
 class _Learner:
     """The TrainContext handed to Algorithm.update."""
 
-    def __init__(self, runner: Runner, generator: torch.Generator):
+    def __init__(self, runner: Runner):
         self.r = runner
-        self.generator = generator
+        self.generator = seeded_generator(runner.cfg.seed, TRAIN, runner.epoch, runner.accelerator.process_index)
         self.train_batch_size = runner.plan.train_batch_size
         self.gradient_accumulation_steps = runner.plan.gradient_accumulation_steps
+
+    def sample_generator(self, *key: int) -> torch.Generator:
+        return seeded_generator(self.r.cfg.seed, TRAIN_SAMPLE, self.r.epoch, *key)
 
     def log_prob(self, rollout: Rollout, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         r, traj = self.r, rollout.trajectory
@@ -326,18 +322,21 @@ class Runner:
 
     # ------------------------------------------------------------------ one epoch
     def _prompts_for_epoch(self):
-        """This process's prompts (each repeated images_per_prompt times) and their epoch-wide group ids."""
+        """This process's prompts (each repeated images_per_prompt times), their epoch-wide group ids
+        (the prompt's position in the epoch) and each sample's position in the epoch  [B] long."""
         p = self.plan
         global_indices = self.stream.next_indices(p.prompts_per_epoch)
         mine = shard(list(range(p.prompts_per_epoch)), self.accelerator.process_index, p.world_size)
         prompts = [self.dataset[global_indices[i]] for i in mine]
         prompts = [pr for pr in prompts for _ in range(p.images_per_prompt)]
         group = torch.tensor(mine).repeat_interleave(p.images_per_prompt)
-        return prompts, group
+        sample_index = group * p.images_per_prompt + torch.arange(p.images_per_prompt).repeat(len(mine))
+        return prompts, group, sample_index
 
     @torch.no_grad()
-    def _sample(self, prompts, generator, desc: str) -> tuple[Trajectory, RewardOutput, float]:
-        """Rollouts in batches; each batch's reward runs in a thread while the next batch samples."""
+    def _sample(self, prompts, noise_keys: list[tuple[int, ...]], desc: str) -> tuple[Trajectory, RewardOutput, float]:
+        """Rollouts in batches, sample b's noise from ``noise_keys[b]``; each batch's reward runs in a thread
+        while the next batch samples."""
         texts, metas = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         embeds = self.policy.encode_prompts(texts)
         bs = self.plan.sample_batch_size
@@ -347,13 +346,14 @@ class Runner:
             bar = tqdm(bar, desc=desc, leave=False)
         for start in bar:
             chunk = slice(start, start + bs)
+            shape = self.policy.latent_shape
             traj = self.sampler.sample(
                 self.unet,
                 self.policy.decode,
                 embeds[chunk],
                 self.negative_embeds,
-                self.policy.latent_shape,
-                generator,
+                shape,
+                sample_noise(noise_keys[chunk], self.sampler.num_steps, shape),
                 self.algorithm.reduce_log_prob,
                 autocast=self.accelerator.autocast,
             )
@@ -413,14 +413,13 @@ class Runner:
 
     def train_epoch(self) -> dict[str, float]:
         t_start = time.perf_counter()
-        rank, seed = self.accelerator.process_index, self.cfg.seed
-        prompts, group = self._prompts_for_epoch()
+        prompts, group, sample_index = self._prompts_for_epoch()
         # SAMPLING (+ rewards in the background)
         self.unet.eval()
         noise_epoch = 0 if self.cfg.trainer.fixed_sample_noise else self.epoch
-        sample_gen = seeded_generator(seed, noise_epoch, rank, PURPOSE_SAMPLE)
-        traj, rewards, reward_wait = self._sample(prompts, sample_gen, f"epoch {self.epoch + 1}: sampling")
-        rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps)
+        keys = [(self.cfg.seed, SAMPLE, noise_epoch, int(i)) for i in sample_index]
+        traj, rewards, reward_wait = self._sample(prompts, keys, f"epoch {self.epoch + 1}: sampling")
+        rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps, sample_index)
         t_reference = time.perf_counter()
         if self.algorithm.needs_reference:
             rollout.ref_log_probs = self._reference_log_probs(traj)
@@ -445,8 +444,7 @@ class Runner:
         metrics.update(self.algorithm.prepare(rollout, comm))
         # TRAINING
         self.unet.train()
-        train_gen = seeded_generator(seed, self.epoch, rank, PURPOSE_TRAIN)
-        metrics.update(self.algorithm.update(rollout, _Learner(self, train_gen)))
+        metrics.update(self.algorithm.update(rollout, _Learner(self)))
         t_trained = time.perf_counter()
         n_images = self.plan.samples_per_process * self.plan.world_size
         metrics.update(
@@ -503,8 +501,8 @@ class Runner:
         self.unet.eval()
         local = torch.zeros(0)
         if mine:
-            gen = seeded_generator(self.cfg.seed, t.eval_seed, rank, PURPOSE_EVAL)
-            traj, rewards, _ = self._sample(mine, gen, f"evaluating on {name}")
+            keys = [(self.cfg.seed, EVAL, t.eval_seed, i) for i in range(len(prompts))[rank::world]]
+            traj, rewards, _ = self._sample(mine, keys, f"evaluating on {name}")
             local = rewards.scores
             self._log_samples(f"eval/{name}", traj.images, [p.text for p in mine], local, step=self.epoch)
         scores = torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))

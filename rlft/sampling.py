@@ -16,6 +16,10 @@ DDPM with the posterior variance and DDIM with eta=1 define the same step:
 sigma_t^2 = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev) in both,
 and the two means agree algebraically (``tests/test_sampling.py`` shows it).
 
+Steps compute in at least float32 (a half-precision UNet's output is promoted)
+and keep float64 when given float64, so that the identities in tests/ hold to
+float64 rounding.
+
 A step whose variance is exactly zero (DDPM's last step, where abar_prev = 1)
 is deterministic: it is not a policy action, its log-prob is reported as 0 and
 ``Trajectory.stochastic`` marks it so that no algorithm trains on it.
@@ -39,7 +43,7 @@ LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 @dataclass
 class StepOutput:
     prev_sample: Tensor  # x_{t-1}            [B, C, h, w]
-    log_prob: Tensor  # log N(x_{t-1}; mu, sigma^2), element-wise, fp32  [B, C, h, w]
+    log_prob: Tensor  # log N(x_{t-1}; mu, sigma^2), element-wise, >= fp32  [B, C, h, w]
     mean: Tensor  # mu_theta(x_t, t, c)       [B, C, h, w]
     std: Tensor  # sigma_t, broadcastable    [B, 1, 1, 1]
 
@@ -73,9 +77,23 @@ def _predict_x0_eps(scheduler, model_output: Tensor, sample: Tensor, abar_t: Ten
     return x0, eps
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a step computes in: at least float32 (fp16/bf16 model outputs are promoted), and
+    float64 when any input is float64 (identity tests run there)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _promote(*tensors: Tensor) -> list[Tensor]:
+    dtype = compute_dtype(*tensors)
+    return [t.to(dtype) for t in tensors]
+
+
 def _gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    """Element-wise log N(x; mean, std^2) in fp32; 0 where std == 0 (a deterministic step)."""
-    x, mean, std = x.float(), mean.float(), std.float()
+    """Element-wise log N(x; mean, std^2) in at least fp32; 0 where std == 0 (a deterministic step)."""
+    x, mean, std = _promote(x, mean, std)
     safe = torch.where(std > 0, std, torch.ones_like(std))
     logp = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - LOG_SQRT_2PI
     return torch.where(std > 0, logp, torch.zeros_like(logp))
@@ -106,13 +124,14 @@ def ddim_step_with_log_prob(
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("run scheduler.set_timesteps(num_steps) before stepping")
-    model_output, sample = model_output.float(), sample.float()
+    model_output, sample = _promote(model_output, sample)
+    dtype = sample.dtype
     t = _as_batch(timestep, sample.shape[0], sample.device)
     # 1. previous timestep: t - T / n
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     # 2. alphas: abar_t and abar_{t-1} (final_alpha_cumprod before the first training step)
-    abar_t = _expand(_gather(scheduler.alphas_cumprod, t, 1.0))
-    abar_prev = _expand(_gather(scheduler.alphas_cumprod, prev_t, scheduler.final_alpha_cumprod))
+    abar_t = _expand(_gather(scheduler.alphas_cumprod, t, 1.0)).to(dtype)
+    abar_prev = _expand(_gather(scheduler.alphas_cumprod, prev_t, scheduler.final_alpha_cumprod)).to(dtype)
     # 3-4. predicted x0 and eps (eq. 12), clipped as configured
     x0, eps = _predict_x0_eps(scheduler, model_output, sample, abar_t)
     # 5. sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)   (eq. 16)
@@ -122,7 +141,7 @@ def ddim_step_with_log_prob(
     mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).sqrt() * eps
     if prev_sample is None:
         if variance_noise is None:
-            variance_noise = randn_tensor(model_output.shape, generator=generator, device=sample.device)
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=dtype)
         prev_sample = mean + std * variance_noise
     return StepOutput(prev_sample, _gaussian_log_prob(prev_sample, mean, std), mean, std)
 
@@ -147,15 +166,16 @@ def ddpm_step_with_log_prob(
         )
     if scheduler.num_inference_steps is None:
         raise ValueError("run scheduler.set_timesteps(num_steps) before stepping")
-    model_output, sample = model_output.float(), sample.float()
+    model_output, sample = _promote(model_output, sample)
+    dtype = sample.dtype
     t = _as_batch(timestep, sample.shape[0], sample.device)
     # previous timestep: the next entry of scheduler.timesteps, -1 after the last
     timesteps = scheduler.timesteps.to(sample.device)
     index = (timesteps[None, :] == t[:, None]).float().argmax(dim=1)
     prev_t = torch.cat([timesteps, timesteps.new_tensor([-1])])[index + 1]
     # 1. alphas and betas of the (possibly skipped) step t -> prev_t
-    abar_t = _expand(_gather(scheduler.alphas_cumprod, t, 1.0))
-    abar_prev = _expand(_gather(scheduler.alphas_cumprod, prev_t, 1.0))
+    abar_t = _expand(_gather(scheduler.alphas_cumprod, t, 1.0)).to(dtype)
+    abar_prev = _expand(_gather(scheduler.alphas_cumprod, prev_t, 1.0)).to(dtype)
     alpha_t = abar_t / abar_prev
     beta_t = 1 - alpha_t
     # 2-3. predicted x0 (eq. 15), clipped as configured
@@ -167,7 +187,7 @@ def ddpm_step_with_log_prob(
     std = torch.where(_expand(prev_t) >= 0, std, torch.zeros_like(std))
     if prev_sample is None:
         if variance_noise is None:
-            variance_noise = randn_tensor(model_output.shape, generator=generator, device=sample.device)
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=sample.device, dtype=dtype)
         prev_sample = mean + std * variance_noise
     return StepOutput(prev_sample, _gaussian_log_prob(prev_sample, mean, std), mean, std)
 
@@ -197,7 +217,7 @@ def make_scheduler(family: str, base_config) -> DDIMScheduler | DDPMScheduler:
 class Trajectory:
     """A batch of sampled trajectories (all tensors on CPU or the run device, batch first)."""
 
-    latents: Tensor  # x_T, ..., x_0                                   [B, S+1, C, h, w] fp32
+    latents: Tensor  # x_T, ..., x_0                                   [B, S+1, C, h, w] >= fp32
     log_probs: Tensor  # reduce(log pi_old(x_{j+1} | x_j, c)) per step   [B, S, *reduced]
     timesteps: Tensor  # scheduler timestep of step j                    [S] long
     stochastic: Tensor  # False for deterministic steps (not trainable)  [S] bool
@@ -224,13 +244,13 @@ class Sampler:
         self.stochastic = stds.flatten() > 0  # [S]
 
     def guided_noise(self, unet, latents: Tensor, t: Tensor, embeds: Tensor, negative: Tensor) -> Tensor:
-        """eps_uncond + w (eps_cond - eps_uncond), one UNet call on the doubled batch, fp32."""
+        """eps_uncond + w (eps_cond - eps_uncond), one UNet call on the doubled batch, in at least fp32."""
         b = latents.shape[0]
         t = _as_batch(t, b, latents.device)
         x = torch.cat([latents, latents])
         emb = torch.cat([negative.expand(b, -1, -1), embeds])
-        eps = unet(x.to(embeds.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample.float()
-        eps_uncond, eps_cond = eps.chunk(2)
+        eps = unet(x.to(embeds.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
+        eps_uncond, eps_cond = eps.to(compute_dtype(eps)).chunk(2)
         return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
 
     def log_prob(
@@ -248,20 +268,37 @@ class Sampler:
         embeds: Tensor,
         negative: Tensor,
         noise_shape: tuple[int, int, int],
-        generator: torch.Generator,
+        noise: Tensor | torch.Generator,
         reduce: Callable[[Tensor], Tensor],
         autocast=None,
     ) -> Trajectory:
-        """Sample ``len(embeds)`` trajectories; x_T and every step's noise come from ``generator`` (CPU)."""
-        device = embeds.device
-        b = embeds.shape[0]
-        x = torch.randn((b, *noise_shape), generator=generator).to(device) * self.scheduler.init_noise_sigma
+        """Sample ``len(embeds)`` trajectories.
+
+        ``noise``: each sample's x_T and step noises  [B, S+1, C, h, w] (``rlft.seeding.sample_noise``:
+        one generator per sample, so the result does not depend on how samples are batched); or a CPU
+        generator from which x_T, then each step's noise, are drawn for the whole batch in turn.
+        """
+        device, b, S = embeds.device, embeds.shape[0], len(self.timesteps)
+        dtype = compute_dtype(embeds)  # fp32, or fp64 for a float64 model
+        if isinstance(noise, torch.Generator):
+            generator = noise
+
+            def draw(j: int) -> Tensor:
+                return torch.randn((b, *noise_shape), generator=generator)
+        else:
+            if tuple(noise.shape) != (b, S + 1, *noise_shape):
+                raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *noise_shape)}")
+
+            def draw(j: int) -> Tensor:
+                return noise[:, j]
+
+        x = draw(0).to(device, dtype) * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
-        for t in self.timesteps:
+        for j, t in enumerate(self.timesteps):
             with (autocast or nullcontext)():
                 eps = self.guided_noise(unet, x, t.to(device), embeds, negative)
-            noise = torch.randn((b, *noise_shape), generator=generator).to(device)
-            out = step_with_log_prob(self.scheduler, eps, t.to(device), x, eta=self.eta, variance_noise=noise)
+            step_noise = draw(j + 1).to(device, dtype)
+            out = step_with_log_prob(self.scheduler, eps, t.to(device), x, eta=self.eta, variance_noise=step_noise)
             x = out.prev_sample
             latents.append(x)
             log_probs.append(reduce(out.log_prob))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlft.rewards.base import Reward, RewardOutput
+from rlft.seeding import seeded_generator
 
 
 class NaNForPrompt(Reward):
@@ -43,6 +44,9 @@ class SGDContext:
         self.lr = lr
         self.grads, self.params_before = [], []
         self.algorithm = None
+
+    def sample_generator(self, *key):
+        return seeded_generator(0, *key)
 
     def log_prob(self, rollout, index, step):
         traj = rollout.trajectory

@@ -11,6 +11,7 @@ from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.sampling import Trajectory
+from rlft.seeding import seeded_generator
 from tests.helpers import SingleProcessComm
 
 
@@ -26,28 +27,29 @@ def test_ppo_clip_loss_hand_values():
 
 
 def test_ppo_gradient_equals_score_function_gradient_at_old_policy():
-    """At theta = theta_old the clipped surrogate's gradient is DDPO_SF's: -A grad log pi."""
-    theta = torch.randn(5, requires_grad=True)
-    x = torch.randn(7, 5)
-    adv = torch.randn(7)
+    """At theta = theta_old the clipped surrogate's gradient is DDPO_SF's: -A grad log pi (float64)."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    adv = torch.randn(7, generator=g, dtype=torch.float64)
     logp = torch.nn.functional.logsigmoid(x @ theta)
     (g_ppo,) = torch.autograd.grad(ppo_clip_loss(adv, logp, logp.detach(), 1e-4).mean(), theta)
     logp = torch.nn.functional.logsigmoid(x @ theta)
     (g_sf,) = torch.autograd.grad((-adv * logp).mean(), theta)
-    torch.testing.assert_close(g_ppo, g_sf)
+    torch.testing.assert_close(g_ppo, g_sf, rtol=1e-12, atol=0)
 
 
 def test_stat_tracker_batch_fallback_then_buffer():
     tracker = PerPromptStatTracker(buffer_size=4, min_count=3)
-    r1 = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    r1 = torch.tensor([1.0, 3.0, 10.0, 20.0], dtype=torch.float64)
     adv = tracker.update(["a", "a", "b", "b"], r1)
     # fewer than min_count per prompt: batch statistics (population std + 1e-6)
     mean, std = 8.5, math.sqrt(((1 - 8.5) ** 2 + (3 - 8.5) ** 2 + (10 - 8.5) ** 2 + (20 - 8.5) ** 2) / 4) + 1e-6
-    torch.testing.assert_close(adv, (r1 - mean) / std)
+    torch.testing.assert_close(adv, (r1 - mean) / std, rtol=1e-12, atol=0)
     adv2 = tracker.update(["a", "b"], torch.tensor([5.0, 0.0]))
     # 'a' now has [1, 3, 5]: mean 3, std sqrt(8/3); 'b' has [10, 20, 0]: mean 10, std sqrt(200/3)
-    expected = torch.tensor([(5 - 3) / (math.sqrt(8 / 3) + 1e-6), (0 - 10) / (math.sqrt(200 / 3) + 1e-6)])
-    torch.testing.assert_close(adv2, expected)
+    expected = [(5 - 3) / (math.sqrt(8 / 3) + 1e-6), (0 - 10) / (math.sqrt(200 / 3) + 1e-6)]
+    torch.testing.assert_close(adv2, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=0)
     tracker.update(["a", "a"], torch.tensor([7.0, 9.0]))
     assert list(tracker.stats["a"]) == [3.0, 5.0, 7.0, 9.0]  # bounded buffer keeps the last 4
 
@@ -66,10 +68,13 @@ class _RecordingContext:
     """A TrainContext whose 'policy' is a parameter per (sample, step): records the schedule."""
 
     def __init__(self, B, S, tbs, accum):
-        self.theta = torch.zeros(B, S, requires_grad=True)
+        self.theta = torch.zeros(B, S, dtype=torch.float64, requires_grad=True)
         self.generator = torch.Generator().manual_seed(0)
         self.train_batch_size, self.gradient_accumulation_steps = tbs, accum
         self.calls, self.backwards, self.steps, self.syncs = [], 0, 0, []
+
+    def sample_generator(self, *key):
+        return seeded_generator(0, *key)
 
     def log_prob(self, rollout, index, step):
         self.calls.append((index.clone(), step.clone()))
@@ -88,14 +93,14 @@ class _RecordingContext:
 def _rollout(B=8, S=6, stochastic=None):
     stochastic = torch.ones(S, dtype=torch.bool) if stochastic is None else stochastic
     traj = Trajectory(
-        torch.zeros(B, S + 1, 1, 1, 1),
-        torch.zeros(B, S),
+        torch.zeros(B, S + 1, 1, 1, 1, dtype=torch.float64),
+        torch.zeros(B, S, dtype=torch.float64),
         torch.arange(S),
         stochastic,
         torch.zeros(B, 1, 1),
         torch.zeros(B, 3, 2, 2),
     )
-    rollout = Rollout(traj, [f"p{i // 2}" for i in range(B)], torch.arange(B) // 2, torch.arange(B).float())
+    rollout = Rollout(traj, [f"p{i // 2}" for i in range(B)], torch.arange(B) // 2, torch.arange(B).double())
     return rollout
 
 
@@ -131,7 +136,7 @@ def test_ddpo_gradient_is_minus_advantage_over_normaliser():
     algo.update(rollout, ctx)
     adv = rollout.advantages.clamp(-5, 5)
     expected = (-adv / (S * 1 * 2)).unsqueeze(1).expand(B, S)
-    torch.testing.assert_close(ctx.theta.grad, expected)
+    torch.testing.assert_close(ctx.theta.grad, expected, rtol=1e-12, atol=0)
 
 
 def test_ddpo_rejects_bad_values():

@@ -126,24 +126,26 @@ def test_prdp_rejects_bad_values():
 
 # --------------------------------------------------------------------------- two passes vs autograd
 def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
+    """In float64 (UNet, embeddings and every step), so that the two computations, which differ only in
+    summation order, agree to float64 rounding: 1e-10 relative."""
     torch.manual_seed(0)
     policy = tiny_policy
-    unet = copy.deepcopy(policy.unet).float().train()
-    reference = copy.deepcopy(policy.unet).float().eval().requires_grad_(False)
+    unet = copy.deepcopy(policy.unet).double().train()
+    reference = copy.deepcopy(policy.unet).double().eval().requires_grad_(False)
     with torch.no_grad():  # the reference is "pretrained": a different set of weights
         for p in reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
     sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), 3, 1.0, 5.0)
-    negative = policy.encode_prompts([""])
+    negative = policy.encode_prompts([""]).double()
     prompts = ["cat"] * 3 + ["dog"] * 3
-    embeds = policy.encode_prompts(prompts)
+    embeds = policy.encode_prompts(prompts).double()
     algo = PRDP(beta=1e-2, clip_range=1.0, num_inner_epochs=1)
     traj = sampler.sample(
         unet, policy.decode, embeds, negative, policy.latent_shape, torch.Generator().manual_seed(1),
         algo.reduce_log_prob,
     )  # fmt: skip
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    rewards = torch.tensor([0.3, 0.1, 0.3, 0.5, 0.2, 0.9])  # a tie in the first prompt
+    rewards = torch.tensor([0.3, 0.1, 0.3, 0.5, 0.2, 0.9], dtype=torch.float64)  # a tie in the first prompt
     rollout = Rollout(traj, prompts, group, rewards)
     steps = rollout.trainable_steps
     with torch.no_grad():
@@ -185,8 +187,8 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         expected = torch.autograd.grad(loss, params)
         got = torch.cat([g.flatten() for g in ctx.grads[k]])
         want = torch.cat([g.flatten() for g in expected])
-        # float32 UNet: the two computations differ only in summation order
-        assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm(), want.norm())
+        assert got.dtype == torch.float64
+        assert (got - want).norm() <= 1e-10 * want.norm(), ((got - want).norm(), want.norm())
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])

@@ -45,11 +45,11 @@ def test_bad_settings_and_scalar_rewards_fail_with_the_fix():
     PXPO(broadcast_scalar_reward=True).check_reward("jpeg_compressibility", gives_maps=False)
 
 
-def _sampled(tiny_policy, prompts, algo, seed=1, steps=3):
-    unet = copy.deepcopy(tiny_policy.unet).float().train()
+def _sampled(tiny_policy, prompts, algo, seed=1, steps=3, dtype=torch.float32):
+    unet = copy.deepcopy(tiny_policy.unet).to(dtype).train()
     sampler = Sampler(make_scheduler("ddim", tiny_policy.scheduler_config), steps, 1.0, 5.0)
-    negative = tiny_policy.encode_prompts([""])
-    embeds = tiny_policy.encode_prompts(prompts)
+    negative = tiny_policy.encode_prompts([""]).to(dtype)
+    embeds = tiny_policy.encode_prompts(prompts).to(dtype)
     traj = sampler.sample(
         unet, tiny_policy.decode, embeds, negative, tiny_policy.latent_shape, torch.Generator().manual_seed(seed),
         algo.reduce_log_prob,
@@ -67,13 +67,14 @@ def _one_step_gradient(algo, rollout, unet, sampler, negative):
 
 
 def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(tiny_policy):
-    """A uniform reward map makes PXPO (sf) DDPO-SF with log pi summed over latent dimensions."""
+    """A uniform reward map makes PXPO (sf) DDPO-SF with log pi summed over latent dimensions: the same
+    gradient to float64 rounding (1e-10 relative), with the UNet and every step in float64."""
     torch.manual_seed(0)
     prompts = ["cat"] * 3 + ["dog"] * 3
     group = torch.tensor([0, 0, 0, 1, 1, 1])
-    scores = torch.tensor([0.3, 0.1, 0.6, 0.5, 0.2, 0.9])
+    scores = torch.tensor([0.3, 0.1, 0.6, 0.5, 0.2, 0.9], dtype=torch.float64)
     pxpo = PXPO(estimator="sf", baseline="prompt_mean", std="prompt")
-    unet, sampler, negative, traj = _sampled(tiny_policy, prompts, pxpo)
+    unet, sampler, negative, traj = _sampled(tiny_policy, prompts, pxpo, dtype=torch.float64)
     H, W = traj.images.shape[-2:]
     maps = scores[:, None, None].expand(-1, H, W).clone()  # uniform per image
     got = _one_step_gradient(pxpo, Rollout(traj, prompts, group, scores, maps), unet, sampler, negative)
@@ -81,8 +82,8 @@ def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(tiny_policy):
     ddpo = DDPO(estimator="sf", log_prob_reduction="sum", stat_min_count=3)  # per-prompt stats of this batch
     summed = dataclasses.replace(traj, log_probs=traj.log_probs.flatten(2).sum(dim=2))  # [B, S]
     want = _one_step_gradient(ddpo, Rollout(summed, prompts, group, scores), unet, sampler, negative)
-    assert want.norm() > 0
-    assert (got - want).norm() <= 1e-5 * want.norm(), ((got - want).norm(), want.norm())
+    assert want.norm() > 0 and got.dtype == torch.float64
+    assert (got - want).norm() <= 1e-10 * want.norm(), ((got - want).norm(), want.norm())
 
 
 def test_left_positive_right_negative_map_moves_each_half_its_own_way(tiny_policy):

@@ -35,12 +35,18 @@ class Rollout:
     group: Tensor  # epoch-wide id of each image's prompt; images of one prompt share it  [B] long
     rewards: Tensor  # [B] float32
     reward_maps: Tensor | None = None  # [B, H, W] (pixel-wise rewards)
+    sample_index: Tensor | None = None  # each sample's position in the epoch (any process count)  [B] long
     ref_log_probs: Tensor | None = None  # reduce(log pi_ref) per step, like trajectory.log_probs  [B, S, ...]
     advantages: Tensor | None = None  # set by Algorithm.prepare; shape is the algorithm's
 
     @property
     def batch_size(self) -> int:
         return self.trajectory.batch_size
+
+    @property
+    def sample_ids(self) -> list[int]:
+        """``sample_index`` as ints (0..B-1 where the rollout was built without it)."""
+        return list(range(self.batch_size)) if self.sample_index is None else self.sample_index.tolist()
 
     @property
     def log_probs(self) -> Tensor:
@@ -66,9 +72,14 @@ class Comm(Protocol):
 class TrainContext(Protocol):
     """What an update may touch: the policy's log-prob, backward and the optimizer step."""
 
-    generator: torch.Generator  # CPU, seeded per (seed, epoch, process): shuffles are reproducible
+    generator: torch.Generator  # CPU, seeded per (seed, epoch, process): the order of this process's samples
     train_batch_size: int  # per process
     gradient_accumulation_steps: int
+
+    def sample_generator(self, *key: int) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch, *key), e.g. (inner epoch, sample index): a draw made
+        per sample with it does not depend on batch sizes or the number of processes."""
+        ...
 
     def log_prob(self, rollout: Rollout, index: Tensor, step: Tensor) -> Tensor:
         """reduce(log pi_theta(x_{j+1} | x_j, c)) of samples ``index`` at steps ``step`` (with grad)  [b, ...]"""

@@ -18,7 +18,8 @@ per-dimension ratios; eps = 1e-4 goes with that convention
 clipped to [-adv_clip_max, adv_clip_max].
 
 Schedule per epoch: ``num_inner_epochs`` passes over this process's samples;
-each pass shuffles the samples and, independently per sample, the trainable
+each pass shuffles the samples and, independently per sample (from the sample's
+own generator, so that batch sizes and processes do not change it), the trainable
 steps, keeps the first ``int(timestep_fraction * S)`` of them, and accumulates
 gradients over those steps and over ``gradient_accumulation_steps``
 micro-batches of ``train_batch_size`` samples before one optimizer step.
@@ -34,6 +35,7 @@ from torch import Tensor
 from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, mean_metrics
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
+from rlft.sampling import compute_dtype
 
 
 def ppo_clip_loss(advantages: Tensor, log_prob: Tensor, old_log_prob: Tensor, clip_range: float) -> Tensor:
@@ -109,7 +111,8 @@ class DDPO(Algorithm):
         else:
             advantages = (rewards - rewards.mean()) / (rewards.std(unbiased=False) + 1e-6)
         b = rollout.batch_size
-        rollout.advantages = advantages[comm.rank * b : (comm.rank + 1) * b]  # this process's  [B]
+        local = advantages[comm.rank * b : (comm.rank + 1) * b]  # this process's  [B]
+        rollout.advantages = local.to(compute_dtype(rollout.log_probs))  # fp32 (fp64 in identity tests)
         return {"train/advantage_abs": float(advantages.abs().mean())}
 
     # ------------------------------------------------------------------ update
@@ -121,10 +124,10 @@ class DDPO(Algorithm):
         num_micro = rollout.batch_size // tbs
         advantages = rollout.advantages.clamp(-self.adv_clip_max, self.adv_clip_max)
         diagnostics = []
-        for _ in range(self.num_inner_epochs):
+        for inner in range(self.num_inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)  # [B]
-            step_order = torch.stack(  # independent step shuffles per sample  [B, S']
-                [steps[torch.randperm(len(steps), generator=g)] for _ in range(rollout.batch_size)]
+            step_order = torch.stack(  # independent step shuffles, one generator per sample  [B, S']
+                [steps[torch.randperm(len(steps), generator=ctx.sample_generator(inner, i))] for i in rollout.sample_ids]
             )
             for m in range(num_micro):
                 index = perm[m * tbs : (m + 1) * tbs]  # [b]

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext
 from rlft.errors import ConfigError
+from rlft.sampling import compute_dtype
 
 
 def pairs_of(group: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -199,9 +200,10 @@ class PRDP(Algorithm):
 
     def update(self, rollout: Rollout, ctx: TrainContext) -> dict[str, float]:
         steps = rollout.trainable_steps  # [T]
-        old = rollout.log_probs[:, steps].float()  # log pi_old  [B, T]
-        ref = rollout.ref_log_probs[:, steps].float()  # log pi_ref  [B, T]
-        rewards, group = rollout.rewards.float(), rollout.group
+        dtype = compute_dtype(rollout.log_probs)  # fp32 (fp64 in identity tests)
+        old = rollout.log_probs[:, steps].to(dtype)  # log pi_old  [B, T]
+        ref = rollout.ref_log_probs[:, steps].to(dtype)  # log pi_ref  [B, T]
+        rewards, group = rollout.rewards.to(dtype), rollout.group
         tbs, accum = ctx.train_batch_size, ctx.gradient_accumulation_steps
         minibatch = tbs * accum
         prompts = torch.unique_consecutive(group)  # images of one prompt are contiguous
@@ -240,9 +242,9 @@ class PRDP(Algorithm):
     @torch.no_grad()
     def _values(self, rollout: Rollout, ctx: TrainContext, index: Tensor, steps: Tensor) -> Tensor:
         """log pi_theta at every trainable step of samples ``index``, without a graph  [M, T]."""
-        out = torch.empty(len(index), len(steps))
+        out = torch.empty(len(index), len(steps), dtype=compute_dtype(rollout.log_probs))
         for m in range(0, len(index), ctx.train_batch_size):
             micro = index[m : m + ctx.train_batch_size]
             for j, step in enumerate(steps):
-                out[m : m + len(micro), j] = ctx.log_prob(rollout, micro, step.expand(len(micro))).float().cpu()
+                out[m : m + len(micro), j] = ctx.log_prob(rollout, micro, step.expand(len(micro))).to(out)
         return out

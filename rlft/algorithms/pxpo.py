@@ -43,6 +43,7 @@ from torch import Tensor
 from rlft.algorithms.base import Comm, Rollout
 from rlft.algorithms.ddpo import DDPO
 from rlft.errors import ConfigError
+from rlft.sampling import compute_dtype
 
 
 def pool_to_latent(maps: Tensor, latent_hw: tuple[int, int]) -> Tensor:
@@ -134,7 +135,7 @@ class PXPO(DDPO):
         else:  # broadcast_scalar_reward: the score spread uniformly (the map that sums to it)
             rbar = rollout.rewards.double()[:, None, None].expand(-1, *latent_hw) / (latent_hw[0] * latent_hw[1])
         advantages = map_advantages(rbar, rollout.group, self.baseline, self.std, comm)
-        rollout.advantages = advantages.float()
+        rollout.advantages = advantages.to(compute_dtype(rollout.log_probs))  # fp32 (fp64 in identity tests)
         return {
             "train/advantage_abs": float(advantages.abs().mean()),
             "train/advantage_clipfrac": float((advantages.abs() > self.adv_clip_max).double().mean()),

@@ -27,7 +27,7 @@ class PerPromptStatTracker:
         self.stats: OrderedDict[str, deque] = OrderedDict()
 
     def update(self, prompts: Sequence[str], rewards: torch.Tensor) -> torch.Tensor:
-        """Advantages for one global batch  [N] (float32)."""
+        """Advantages for one global batch  [N] (float64)."""
         r = rewards.double().numpy()
         prompts = np.asarray(prompts, dtype=object)
         advantages = np.empty_like(r)
@@ -45,7 +45,7 @@ class PerPromptStatTracker:
             advantages[mask] = (r[mask] - mean) / std
         while len(self.stats) > self.max_prompts:
             self.stats.popitem(last=False)
-        return torch.from_numpy(advantages).float()
+        return torch.from_numpy(advantages)
 
     def state_dict(self) -> dict:
         return {"stats": [(k, list(v)) for k, v in self.stats.items()]}
