@@ -1,4 +1,10 @@
-"""Shared fixtures: a tiny random SD pipeline built once per session, and a CLI runner."""
+"""Shared fixtures: a tiny random SD pipeline built once per session, and a CLI runner.
+
+Kernel and thread choices, to check that no result depends on them:
+    RLFT_TEST_MKLDNN=0 make test   (or pytest --mkldnn=off): torch's oneDNN kernels off, here and in
+                                   every process the tests start
+    OMP_NUM_THREADS=1 make test    one thread
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,25 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--mkldnn",
+        choices=["on", "off"],
+        default="off" if os.environ.get("RLFT_TEST_MKLDNN") == "0" else "on",
+        help="torch.backends.mkldnn.enabled in the tests and their subprocesses (env: RLFT_TEST_MKLDNN=0)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--mkldnn") == "off":
+        torch.backends.mkldnn.enabled = False
+        os.environ["RLFT_TEST_MKLDNN"] = "0"  # for subprocesses: tests/site/sitecustomize.py
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, oneDNN {config.getoption('--mkldnn')}"
 
 
 @pytest.fixture(scope="session")
@@ -39,23 +64,60 @@ def tiny_policy(tiny_path):
     return DiffusionPolicy.from_pretrained(str(tiny_path), finetune="full")
 
 
-def run_cli(
-    args: list[str], cache_dir: Path, timeout: int = 600, launcher: list[str] | None = None, env: dict | None = None
-):
-    """Run `python -m rlft <args>` in a subprocess (offline, no progress bars; ``env`` adds variables)."""
-    full_env = {
+# Subprocess time limits scale with RLFT_TEST_TIMEOUT_SCALE (default 3: generous for a loaded 2-core
+# machine); a test fails on wrong results, and on a slow machine only with a line that says so.
+TIMEOUT_SCALE = float(os.environ.get("RLFT_TEST_TIMEOUT_SCALE", "3"))
+
+
+def timeout_s(base: float) -> float:
+    """``base`` seconds (the time the step takes on an idle 2-core machine, with room) x the scale."""
+    return base * TIMEOUT_SCALE
+
+
+def too_slow(cmd: list[str], limit: float):
+    """Fail the test with one line: the subprocess outlived its limit (nothing was wrong with its result)."""
+    shown = " ".join(c for c in cmd if not c.startswith("/"))[:120]
+    pytest.fail(
+        f"`{shown}` did not finish within {limit:.0f} s: this machine is too slow or too loaded for the "
+        f"test's time limit; raise RLFT_TEST_TIMEOUT_SCALE (now {TIMEOUT_SCALE:g}) to allow more",
+        pytrace=False,
+    )
+
+
+def subprocess_env(cache_dir: Path, env: dict | None = None) -> dict:
+    """The environment of every process a test starts: offline, the test cache, and this repo (plus
+    tests/site, whose sitecustomize applies the run's --mkldnn=off) on PYTHONPATH."""
+    return {
         **os.environ,
         "RLFT_CACHE": str(cache_dir),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "offline",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "tests" / "site"), str(REPO)]),
         "HYDRA_FULL_ERROR": "0",
         **(env or {}),
     }
+
+
+def run_cli(
+    args: list[str], cache_dir: Path, timeout: float = 600, launcher: list[str] | None = None, env: dict | None = None
+):
+    """Run `python -m rlft <args>` in a subprocess (offline, no progress bars; ``env`` adds variables);
+    ``timeout`` is scaled by RLFT_TEST_TIMEOUT_SCALE."""
     flags = [a for a in args if a.startswith("-") and not a.startswith("~")]  # e.g. -m (multirun) first
     overrides = [a for a in args if a not in flags]
     cmd = (launcher or [sys.executable]) + ["-m", "rlft", *flags, "trainer.progress_bar=false", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_process(cmd, cache_dir, timeout, env)
+
+
+def run_process(cmd: list[str], cache_dir: Path, timeout: float = 600, env: dict | None = None):
+    """subprocess.run in the test environment, with the scaled time limit and its one-line failure."""
+    limit = timeout_s(timeout)
+    try:
+        return subprocess.run(
+            cmd, cwd=REPO, env=subprocess_env(cache_dir, env), capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired:
+        too_slow(cmd, limit)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import run_cli, run_process
 
 TINY_TOY = [
     "trainer.epochs=2",
@@ -26,9 +25,7 @@ def test_multirun_over_three_algorithms_and_the_report(cache_dir, tmp_path):
     sweep = tmp_path / "multi"
     result = run_cli(["-m", "algorithm=ddpo,prdp,pxpo", "seed=0,1", f"hydra.sweep.dir={sweep}", *TINY_TOY], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    done = subprocess.run(
-        [sys.executable, "-m", "rlft.report", str(sweep)], capture_output=True, text=True, cwd=REPO, timeout=300
-    )
+    done = run_process([sys.executable, "-m", "rlft.report", str(sweep)], cache_dir, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (sweep / "report.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| algorithm=")]
@@ -39,7 +36,6 @@ def test_multirun_over_three_algorithms_and_the_report(cache_dir, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_report_on_a_folder_without_runs_says_so(tmp_path):
-    cmd = [sys.executable, "-m", "rlft.report", str(tmp_path)]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+def test_report_on_a_folder_without_runs_says_so(cache_dir, tmp_path):
+    done = run_process([sys.executable, "-m", "rlft.report", str(tmp_path)], cache_dir, timeout=120)
     assert done.returncode != 0 and "no run (a folder with metrics.jsonl)" in done.stderr

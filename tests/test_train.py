@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlft.data import PackagedPrompts, PromptStream
-from tests.conftest import FAST, REPO, read_metrics, run_cli
+from tests.conftest import FAST, REPO, read_metrics, run_cli, subprocess_env, timeout_s, too_slow
 
 VOCABULARY = {
     "epoch",
@@ -86,15 +85,18 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     full = run_cli([*common, "run_name=straight"], cache_dir)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    env = {**os.environ, "RLFT_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = subprocess_env(cache_dir)
     cmd = [sys.executable, "-m", "rlft", "trainer.progress_bar=false", *common, "run_name=killed"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "killed" / "checkpoints" / "epoch_00002" / "run_state.json"
-    deadline = time.time() + 300
+    limit = timeout_s(300)
+    deadline = time.time() + limit
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    if not marker.exists() and time.time() >= deadline:
+        too_slow(cmd, limit)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (tmp_path / "killed" / "checkpoints" / "epoch_00006").exists()
 
@@ -140,11 +142,7 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
         "trainer.eval_every=0",
         "algorithm.stat_min_count=2",
     ]
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        result = run_cli(args, cache_dir, launcher=launcher)
-    finally:
-        os.environ.pop("OMP_NUM_THREADS")
+    result = run_cli(args, cache_dir, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(4 per process x 2 processes)" in result.stdout
     state = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "custom_checkpoint_0.pkl", weights_only=False)

@@ -127,7 +127,10 @@ class DDPO(Algorithm):
         for inner in range(self.num_inner_epochs):
             perm = torch.randperm(rollout.batch_size, generator=g)  # [B]
             step_order = torch.stack(  # independent step shuffles, one generator per sample  [B, S']
-                [steps[torch.randperm(len(steps), generator=ctx.sample_generator(inner, i))] for i in rollout.sample_ids]
+                [
+                    steps[torch.randperm(len(steps), generator=ctx.sample_generator(inner, i))]
+                    for i in rollout.sample_ids
+                ]
             )
             for m in range(num_micro):
                 index = perm[m * tbs : (m + 1) * tbs]  # [b]
