@@ -37,6 +37,7 @@ from rlft.models import DiffusionPolicy
 from rlft.rewards.base import Reward, RewardOutput
 from rlft.sampling import Sampler, Trajectory, make_scheduler
 from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
+from rlft.stats import paired_gain
 
 TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_MARKER = "run_state.json"
@@ -479,8 +480,10 @@ class Runner:
         """Reward on fixed prompts of every evaluation dataset with fixed noise (comparable across epochs
         and runs): ``eval/<name>/reward/{mean,std}`` per dataset, and ``eval/reward/mean``, their mean."""
         out: dict[str, float] = {"epoch": self.epoch}
+        self.eval_scores: dict[str, torch.Tensor] = {}  # per image, in a fixed order: paired across evaluations
         for name, dataset in self.eval_datasets.items():
             prompts, scores = self._evaluate_on(name, dataset)
+            self.eval_scores[name] = scores
             if self.is_main:
                 rows = [(prompt, float(score)) for prompt, score in zip(prompts, scores)]
                 self.logger.log_table(f"eval/{name}/table", ["prompt", "reward"], rows, step=self.epoch)
@@ -525,14 +528,17 @@ class Runner:
         last: dict[str, float] = {}
         evaluate = bool(self.eval_datasets) and t.eval_every > 0
         evals: list[dict[str, float]] = []
+        per_image: list[dict[str, torch.Tensor]] = []  # each evaluation's scores, for the paired gain
         if evaluate and self.epoch == 0:
             evals.append(self._log(self.evaluate()))
+            per_image.append(self.eval_scores)
         while self.epoch < t.epochs:
             metrics = self.train_epoch()
             self._log(metrics)
             last = metrics
             if evaluate and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs):
                 evals.append(self._log(self.evaluate()))
+                per_image.append(self.eval_scores)
                 last = {**last, **evals[-1]}
             if (t.checkpoint_every and self.epoch % t.checkpoint_every == 0) or self.epoch == t.epochs:
                 self.save_checkpoint()
@@ -540,9 +546,11 @@ class Runner:
             first, final = evals[0], evals[-1]
             for name, dataset in self.eval_datasets.items():
                 key = f"eval/{name}/reward/mean"
+                before, after = per_image[0][name].tolist(), per_image[-1][name].tolist()
+                paired = f"; {paired_gain(before, after)}" if len(before) > 1 else ""
                 self._print(
                     f"evaluation reward on {name} ({dataset.name}): {first[key]:.4f} (epoch {first['epoch']}) -> "
-                    f"{final[key]:.4f} (epoch {final['epoch']})"
+                    f"{final[key]:.4f} (epoch {final['epoch']}){paired}"
                 )
         if self.epoch >= t.epochs and not last:
             self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from rlft.data import PackagedPrompts, PromptStream
 from tests.conftest import FAST, REPO, read_metrics, run_cli, subprocess_env, timeout_s, too_slow
+from tests.helpers import eval_gain
 
 VOCABULARY = {
     "epoch",
@@ -50,8 +51,13 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     evals = [r["eval/reward/mean"] for r in rows if "eval/reward/mean" in r]
     train = [r for r in rows if "reward/mean" in r]
     assert len(evals) == 2 and len(train) == 8
-    assert evals[1] > evals[0] + 0.03, evals  # about -1.43 -> -1.36 with this seed
-    assert sum(r["reward/mean"] for r in train[-3:]) / 3 > sum(r["reward/mean"] for r in train[:3]) / 3
+    # the same 32 prompts and noise before and after: the paired gain, measured +0.016 +- 0.0034 (4.8 SE,
+    # 81% of images improved) with seed 0, and 3.8 and 3.4 SE (75%, 69%) with seeds 1 and 2
+    gain = eval_gain(run, "seen", 0, 8)
+    assert gain.z > 2.0 and gain.improved > 0.6, gain
+    seen = [r["eval/seen/reward/mean"] for r in rows if "eval/seen/reward/mean" in r]
+    summary = f"evaluation reward on seen (simple_animals): {seen[0]:.4f} (epoch 0) -> {seen[1]:.4f} (epoch 8); gain "
+    assert summary in result.stdout and "(standard error over 32 paired images" in result.stdout, result.stdout
     assert VOCABULARY <= set(train[0])
     assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_seen_00008.png").exists()
     assert (run / "checkpoints" / "epoch_00008" / "trainable.safetensors").exists()
