@@ -340,14 +340,13 @@ class Runner:
         while the next batch samples."""
         texts, metas = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         embeds = self.policy.encode_prompts(texts)
-        bs = self.plan.sample_batch_size
+        bs, shape = self.plan.sample_batch_size, self.policy.latent_shape
         trajectories, futures = [], []
         bar = range(0, len(prompts), bs)
         if self.cfg.trainer.progress_bar and self.is_main:
             bar = tqdm(bar, desc=desc, leave=False)
         for start in bar:
             chunk = slice(start, start + bs)
-            shape = self.policy.latent_shape
             traj = self.sampler.sample(
                 self.unet,
                 self.policy.decode,
@@ -528,17 +527,17 @@ class Runner:
         last: dict[str, float] = {}
         evaluate = bool(self.eval_datasets) and t.eval_every > 0
         evals: list[dict[str, float]] = []
-        per_image: list[dict[str, torch.Tensor]] = []  # each evaluation's scores, for the paired gain
+        first_scores = None  # the first evaluation's per-image scores, paired with the last one's
         if evaluate and self.epoch == 0:
             evals.append(self._log(self.evaluate()))
-            per_image.append(self.eval_scores)
+            first_scores = self.eval_scores
         while self.epoch < t.epochs:
             metrics = self.train_epoch()
             self._log(metrics)
             last = metrics
             if evaluate and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs):
                 evals.append(self._log(self.evaluate()))
-                per_image.append(self.eval_scores)
+                first_scores = self.eval_scores if first_scores is None else first_scores
                 last = {**last, **evals[-1]}
             if (t.checkpoint_every and self.epoch % t.checkpoint_every == 0) or self.epoch == t.epochs:
                 self.save_checkpoint()
@@ -546,7 +545,7 @@ class Runner:
             first, final = evals[0], evals[-1]
             for name, dataset in self.eval_datasets.items():
                 key = f"eval/{name}/reward/mean"
-                before, after = per_image[0][name].tolist(), per_image[-1][name].tolist()
+                before, after = first_scores[name].tolist(), self.eval_scores[name].tolist()
                 paired = f"; {paired_gain(before, after)}" if len(before) > 1 else ""
                 self._print(
                     f"evaluation reward on {name} ({dataset.name}): {first[key]:.4f} (epoch {first['epoch']}) -> "

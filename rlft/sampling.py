@@ -278,27 +278,19 @@ class Sampler:
         one generator per sample, so the result does not depend on how samples are batched); or a CPU
         generator from which x_T, then each step's noise, are drawn for the whole batch in turn.
         """
-        device, b, S = embeds.device, embeds.shape[0], len(self.timesteps)
-        dtype = compute_dtype(embeds)  # fp32, or fp64 for a float64 model
-        if isinstance(noise, torch.Generator):
-            generator = noise
-
-            def draw(j: int) -> Tensor:
-                return torch.randn((b, *noise_shape), generator=generator)
-        else:
-            if tuple(noise.shape) != (b, S + 1, *noise_shape):
-                raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *noise_shape)}")
-
-            def draw(j: int) -> Tensor:
-                return noise[:, j]
-
-        x = draw(0).to(device, dtype) * self.scheduler.init_noise_sigma
+        b, S = embeds.shape[0], len(self.timesteps)
+        if isinstance(noise, torch.Generator):  # x_T, then each step's noise, for the whole batch in turn
+            noise = torch.stack([torch.randn((b, *noise_shape), generator=noise) for _ in range(S + 1)], dim=1)
+        if tuple(noise.shape) != (b, S + 1, *noise_shape):
+            raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *noise_shape)}")
+        device = embeds.device
+        noise = noise.to(device, compute_dtype(embeds))  # fp32, or fp64 for a float64 model
+        x = noise[:, 0] * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         for j, t in enumerate(self.timesteps):
             with (autocast or nullcontext)():
                 eps = self.guided_noise(unet, x, t.to(device), embeds, negative)
-            step_noise = draw(j + 1).to(device, dtype)
-            out = step_with_log_prob(self.scheduler, eps, t.to(device), x, eta=self.eta, variance_noise=step_noise)
+            out = step_with_log_prob(self.scheduler, eps, t.to(device), x, eta=self.eta, variance_noise=noise[:, j + 1])
             x = out.prev_sample
             latents.append(x)
             log_probs.append(reduce(out.log_prob))

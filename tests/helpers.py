@@ -80,18 +80,20 @@ def all_log_probs(ctx, rollout, steps):
     return torch.stack([ctx.log_prob(rollout, torch.arange(B), s.expand(B)) for s in steps], dim=1)
 
 
+def eval_table(run, name: str, epoch: int) -> list[tuple[str, float]]:
+    """(prompt, reward) of every image of evaluation set ``name`` at ``epoch``, in the run's table order."""
+    import csv
+
+    with open(run / "tables" / f"eval_{name}_table_{epoch:05d}.csv") as f:
+        return [(row["prompt"], float(row["reward"])) for row in csv.DictReader(f)]
+
+
 def eval_gain(run, name: str, first: int, last: int):
     """The paired gain (rlft.stats) of evaluation set ``name`` from epoch ``first`` to ``last``, read from
     the run's evaluation tables (one row per image, the same prompts and noise in the same order)."""
-    import csv
-
     from rlft.stats import paired_gain
 
-    def scores(epoch):
-        with open(run / "tables" / f"eval_{name}_table_{epoch:05d}.csv") as f:
-            return [float(row["reward"]) for row in csv.DictReader(f)]
-
-    return paired_gain(scores(first), scores(last))
+    return paired_gain([r for _, r in eval_table(run, name, first)], [r for _, r in eval_table(run, name, last)])
 
 
 TINY_HPS_SIZE = 32  # the shrunk model's image size (224 in ViT-H-14)

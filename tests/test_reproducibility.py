@@ -16,7 +16,6 @@ seed shows how far apart the numbers are when the samples do differ.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import read_metrics, run_cli
+from tests.helpers import eval_table
 
 COMMON = [
     "algorithm=ddpo",
@@ -67,8 +67,7 @@ def _train_rewards(run: Path) -> list[float]:
 
 def _eval_rewards(run: Path, epoch: int) -> list[tuple[str, float]]:
     """(prompt, reward) of every evaluation image, sorted (processes list them in another order)."""
-    with open(run / "tables" / f"eval_seen_table_{epoch:05d}.csv") as f:
-        return sorted((r["prompt"], float(r["reward"])) for r in csv.DictReader(f))
+    return sorted(eval_table(run, "seen", epoch))
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
