@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -33,11 +34,20 @@ from rlft.algorithms.base import Algorithm, Rollout
 from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
 from rlft.errors import ConfigError, RewardError, RlftError
+from rlft.evaluation import (
+    BEFORE_AFTER_FILE,
+    EvalResult,
+    before_after_grid,
+    gain_lines,
+    load_first,
+    save_first,
+    showcase_indices,
+    side_by_side,
+)
 from rlft.models import DiffusionPolicy
 from rlft.rewards.base import Reward, RewardOutput
 from rlft.sampling import Sampler, Trajectory, make_scheduler
 from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
-from rlft.stats import paired_gain
 
 TRAINABLE_FILE = "trainable.safetensors"
 COMPLETE_MARKER = "run_state.json"
@@ -249,6 +259,8 @@ class Runner:
         overlap = t.async_reward and self.device.type != "cpu"
         self.executor = ThreadPoolExecutor(max_workers=1) if overlap else _InlineExecutor()
         self.epoch = 0  # completed epochs
+        self.first_eval: dict[str, EvalResult] | None = None  # the run's first evaluation (rlft/evaluation.py)
+        self.eval_results: dict[str, EvalResult] = {}  # the latest one
 
     # ------------------------------------------------------------------ checkpoints
     def _save_trainable(self, models, weights, output_dir) -> None:
@@ -434,6 +446,10 @@ class Runner:
         for name, values in rewards.components.items():
             if len(rewards.components) > 1:
                 metrics[f"reward/{name}/mean"] = float(comm.gather(values).mean())
+        for name, values in rewards.parts.items():  # sub-scores: mean over the images they apply to
+            values = comm.gather(values)
+            if not values.isnan().all():
+                metrics[f"reward/{name}/mean"] = float(values.nanmean())
         if self.is_main:
             self.logger.log_histogram("reward/hist", global_rewards, step=self.epoch + 1)
         if self._handle_nan(rollout, rewards):
@@ -462,7 +478,13 @@ class Runner:
         if rollout.reward_maps is not None and self.algorithm.needs_reward_maps and k > 0 and self.is_main:
             from rlft.loggers import overlay_maps
 
-            overlaid = overlay_maps(traj.images[:k].cpu(), rollout.reward_maps[:k])  # only what is written
+            # what the algorithm trains on: its per-position advantages where it has them (PXPO), signed,
+            # upsampled to the image; the raw reward map otherwise
+            maps = rollout.reward_maps[:k]
+            if rollout.advantages is not None and rollout.advantages.ndim == 3:
+                size = tuple(traj.images.shape[-2:])
+                maps = F.interpolate(rollout.advantages[:k, None].float().cpu(), size=size, mode="nearest")[:, 0]
+            overlaid = overlay_maps(traj.images[:k].cpu(), maps)  # only what is written
             self._log_samples("reward_maps", overlaid, rollout.prompts[:k], rollout.rewards[:k], step=self.epoch + 1)
         self.epoch += 1
         return metrics
@@ -471,44 +493,66 @@ class Runner:
         """The first ``trainer.log_images`` images, captioned with prompt and reward (main process)."""
         k = min(self.cfg.trainer.log_images, len(prompts))
         if self.is_main and k > 0:
-            captions = [f"{prompts[i]} | r={float(rewards[i]):.3g}" for i in range(k)]
+            captions = [f"r={float(rewards[i]):.3g} | {prompts[i]}" for i in range(k)]  # the reward is never cut off
             self.logger.log_images(key, images[:k], captions, step=step)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Reward on fixed prompts of every evaluation dataset with fixed noise (comparable across epochs
-        and runs): ``eval/<name>/reward/{mean,std}`` per dataset, and ``eval/reward/mean``, their mean."""
+        """Reward and its sub-scores on fixed prompts of every evaluation set with fixed noise (comparable
+        across epochs and runs; rlft/evaluation.py lists the metrics), and ``eval/reward/mean``, the sets' mean."""
         out: dict[str, float] = {"epoch": self.epoch}
-        self.eval_scores: dict[str, torch.Tensor] = {}  # per image, in a fixed order: paired across evaluations
+        self.eval_results: dict[str, EvalResult] = {}
         for name, dataset in self.eval_datasets.items():
-            prompts, scores = self._evaluate_on(name, dataset)
-            self.eval_scores[name] = scores
+            result = self._evaluate_on(name, dataset)
+            self.eval_results[name] = result
             if self.is_main:
-                rows = [(prompt, float(score)) for prompt, score in zip(prompts, scores)]
+                rows = [(prompt, float(score)) for prompt, score in zip(result.prompts, result.scores)]
                 self.logger.log_table(f"eval/{name}/table", ["prompt", "reward"], rows, step=self.epoch)
-            out[f"eval/{name}/reward/mean"] = float(scores.mean())
-            out[f"eval/{name}/reward/std"] = float(scores.std(unbiased=False))
+                first = (self.first_eval or {}).get(name, result)
+                if result.showcase is not None and len(result.showcase_index):
+                    images, captions = side_by_side(first, result)
+                    self.logger.log_images(f"eval/{name}", images.float() / 255, captions, step=self.epoch)
+            out.update(result.metrics(name))
         means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
         out["eval/reward/mean"] = sum(means) / len(means)
+        if self.first_eval is None:
+            self.first_eval = self.eval_results
+            if self.is_main:
+                save_first(self.run_dir, self.eval_results)
         return out
 
-    def _evaluate_on(self, name: str, dataset: PromptDataset) -> tuple[list[str], torch.Tensor]:
-        """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds,
-        with the prompt of each score."""
+    def _evaluate_on(self, name: str, dataset: PromptDataset) -> EvalResult:
+        """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds
+        (image i's noise from (seed, EVAL, eval_seed, i)), with the showcase images on the main process."""
         t = self.cfg.trainer
-        prompts = dataset.evaluation_prompts(t.eval_num_prompts)
-        prompts = [p for p in prompts for _ in range(t.eval_images_per_prompt)]
+        unique = dataset.evaluation_prompts(t.eval_num_prompts)
+        prompts = [p for p in unique for _ in range(t.eval_images_per_prompt)]
+        showcase = showcase_indices(len(unique), t.eval_images_per_prompt, t.log_images)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = prompts[rank::world]
+        mine = list(range(len(prompts)))[rank::world]
         self.unet.eval()
-        local = torch.zeros(0)
+        local: dict[str, list] = {"index": mine, "scores": [], "parts": {}, "showcase": []}
         if mine:
-            keys = [(self.cfg.seed, EVAL, t.eval_seed, i) for i in range(len(prompts))[rank::world]]
-            traj, rewards, _ = self._sample(mine, keys, f"evaluating on {name}")
-            local = rewards.scores
-            self._log_samples(f"eval/{name}", traj.images, [p.text for p in mine], local, step=self.epoch)
-        scores = torch.tensor(_Comm(self.accelerator).gather_object(local.tolist()))
-        return [p.text for r in range(world) for p in prompts[r::world]], scores
+            keys = [(self.cfg.seed, EVAL, t.eval_seed, i) for i in mine]
+            traj, rewards, _ = self._sample([prompts[i] for i in mine], keys, f"evaluating on {name}")
+            local["scores"] = rewards.scores.tolist()
+            local["parts"] = {k: v.tolist() for k, v in rewards.parts.items()}
+            pixels = (traj.images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            local["showcase"] = [(i, pixels[j]) for j, i in enumerate(mine) if i in showcase]
+        gathered = _Comm(self.accelerator).gather_object([local])
+        order = [i for g in gathered for i in g["index"]]
+        rank_of = sorted(range(len(order)), key=order.__getitem__)  # gathered position of image i
+        scores = [s for g in gathered for s in g["scores"]]
+        parts = {k: [v for g in gathered for v in g["parts"][k]] for k in gathered[0]["parts"]}
+        pictures = dict(item for g in gathered for item in g["showcase"])
+        return EvalResult(
+            epoch=self.epoch,
+            prompts=[p.text for p in prompts],
+            scores=torch.tensor([scores[j] for j in rank_of]),
+            parts={k: torch.tensor([v[j] for j in rank_of]) for k, v in parts.items()},
+            showcase=torch.stack([pictures[i] for i in showcase]) if showcase else None,
+            showcase_index=showcase,
+        )
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
@@ -526,31 +570,19 @@ class Runner:
         self._print(f"batch: {self.plan.describe()}")
         last: dict[str, float] = {}
         evaluate = bool(self.eval_datasets) and t.eval_every > 0
-        evals: list[dict[str, float]] = []
-        first_scores = None  # the first evaluation's per-image scores, paired with the last one's
+        # the first evaluation, kept in the run directory: a resumed run still compares against it
+        self.first_eval = load_first(self.run_dir) if checkpoint is not None else None
         if evaluate and self.epoch == 0:
-            evals.append(self._log(self.evaluate()))
-            first_scores = self.eval_scores
+            self._log(self.evaluate())
         while self.epoch < t.epochs:
             metrics = self.train_epoch()
             self._log(metrics)
             last = metrics
             if evaluate and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs):
-                evals.append(self._log(self.evaluate()))
-                first_scores = self.eval_scores if first_scores is None else first_scores
-                last = {**last, **evals[-1]}
+                last = {**last, **self._log(self.evaluate())}
             if (t.checkpoint_every and self.epoch % t.checkpoint_every == 0) or self.epoch == t.epochs:
                 self.save_checkpoint()
-        if len(evals) > 1:
-            first, final = evals[0], evals[-1]
-            for name, dataset in self.eval_datasets.items():
-                key = f"eval/{name}/reward/mean"
-                before, after = first_scores[name].tolist(), self.eval_scores[name].tolist()
-                paired = f"; {paired_gain(before, after)}" if len(before) > 1 else ""
-                self._print(
-                    f"evaluation reward on {name} ({dataset.name}): {first[key]:.4f} (epoch {first['epoch']}) -> "
-                    f"{final[key]:.4f} (epoch {final['epoch']}){paired}"
-                )
+        self._summarise()
         if self.epoch >= t.epochs and not last:
             self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")
         if self.is_main:
@@ -559,10 +591,31 @@ class Runner:
         self.accelerator.end_training()
         return last
 
+    def _summarise(self) -> None:
+        """Each evaluation set's paired gain from the first to the last evaluation, and the
+        before/after grid of its showcase images (main process)."""
+        first, last = self.first_eval or {}, self.eval_results
+        pairs = {n: (first[n], last[n]) for n in self.eval_datasets if n in first and n in last}
+        pairs = {n: (a, b) for n, (a, b) in pairs.items() if b.epoch > a.epoch}
+        if not pairs or not self.is_main:
+            return
+        for name, (a, b) in pairs.items():
+            for line in gain_lines(name, self.eval_datasets[name].name, a, b):
+                self._print(line)
+        grid = before_after_grid(pairs)
+        if grid is not None:
+            grid.save(self.run_dir / BEFORE_AFTER_FILE)
+            self._print(f"before/after images (same prompts and noise): {self.run_dir / BEFORE_AFTER_FILE}")
+
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_main:
             self.logger.log(metrics, step=int(metrics["epoch"]))
-            shown = {k: v for k, v in metrics.items() if k == "train/loss" or k.endswith("reward/mean")}
+            shown = {
+                k: v
+                for k, v in metrics.items()
+                if k in ("train/loss", "reward/mean")
+                or (k.endswith("reward/mean") and k.startswith("eval/") and k.count("/") <= 3)
+            }
             self._print(f"epoch {metrics['epoch']}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         return metrics
 

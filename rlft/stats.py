@@ -1,13 +1,22 @@
 """Uncertainty of the numbers a run reports.
 
 An evaluation scores the same prompts with the same noise every time, so two evaluations of one
-run are *paired*: image k before and image k after. The gain and its standard error come from
-the per-image differences d_k = after_k - before_k (k = 1..n),
+run are *paired*: image k before and image k after. The images of one prompt (its seeds) are not
+independent draws, so the unit of every error below is the prompt: the per-prompt means
 
-    gain = mean_k d_k,    se = std_k(d_k) / sqrt(n)   (sample std, n - 1),
+    b_p = mean_{images k of p} before_k,    a_p = mean_{images k of p} after_k,    d_p = a_p - b_p
 
-which is far smaller than the error of two unpaired means, because an image's prompt and noise
-explain most of its reward. ``improved`` is the fraction of images whose reward rose.
+over the P prompts give
+
+    gain = mean_p d_p,    se = std_p(d_p) / sqrt(P)   (sample std, P - 1),
+
+which is far smaller than the error of two unpaired means, because a prompt and its noise
+explain most of an image's reward. ``improved`` is the fraction of prompts whose mean rose.
+Without groups every image is its own prompt. Sub-scores that do not apply to a prompt are NaN
+and are left out (P counts the prompts they apply to).
+
+Across seeds (``rlft.report``): a method's mean over S seeds has the 95% confidence interval
+mean ± t_{S-1, 0.975} std / sqrt(S); a paired method difference uses the per-seed differences.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ class PairedGain:
     se: float  # its standard error
     improved: float  # fraction of pairs with after > before
     n: int
+    unit: str = "images"
+    before: float = math.nan  # mean of the paired values before
 
     @property
     def z(self) -> float:
@@ -33,17 +44,71 @@ class PairedGain:
 
     def __str__(self) -> str:
         return (
-            f"gain {self.gain:+.4f} ± {self.se:.4f} (standard error over {self.n} paired images, "
-            f"{self.z:+.1f} SE), {100 * self.improved:.0f}% of images improved"
+            f"gain {self.gain:+.4f} ± {self.se:.4f} (standard error over {self.n} paired {self.unit}, "
+            f"{self.z:+.1f} SE), {100 * self.improved:.0f}% of {self.unit} improved"
         )
 
 
-def paired_gain(before: Sequence[float], after: Sequence[float]) -> PairedGain:
-    """The paired gain of ``after`` over ``before`` (same prompts and noise, same order)."""
+def group_means(values: Sequence[float], groups: Sequence | None = None) -> list[float]:
+    """Mean of each group's non-NaN values, in order of first appearance (groups with none are dropped)."""
+    if groups is None:
+        return [float(v) for v in values if not math.isnan(float(v))]
+    if len(groups) != len(values):
+        raise ValueError(f"{len(values)} values but {len(groups)} group labels")
+    sums: dict = {}
+    for v, g in zip(values, groups):
+        v = float(v)
+        if not math.isnan(v):
+            s, c = sums.get(g, (0.0, 0))
+            sums[g] = (s + v, c + 1)
+    return [s / c for s, c in sums.values()]
+
+
+def mean_se(values: Sequence[float], groups: Sequence | None = None) -> tuple[float, float, int]:
+    """(mean, standard error, n) over per-group means (NaN where no value; se NaN for n < 2)."""
+    m = group_means(values, groups)
+    n = len(m)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(m) / n
+    if n < 2:
+        return mean, math.nan, n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in m) / (n - 1)) / math.sqrt(n), n
+
+
+def paired_gain(before: Sequence[float], after: Sequence[float], groups: Sequence | None = None) -> PairedGain:
+    """The paired gain of ``after`` over ``before`` (same prompts and noise, same order); with ``groups``
+    (the prompt of each value) the pairs are the per-prompt means."""
     if len(before) != len(after) or len(before) < 2:
         raise ValueError(f"need two equal lists of at least 2 paired values, got {len(before)} and {len(after)}")
-    d = [float(b) - float(a) for a, b in zip(before, after)]
+    both = [
+        (float(b), float(a), g)
+        for b, a, g in zip(before, after, groups if groups is not None else range(len(before)))
+        if not (math.isnan(float(b)) or math.isnan(float(a)))
+    ]
+    keys = [g for _, _, g in both]
+    b_p = group_means([b for b, _, _ in both], keys)
+    d = [a - b for a, b in zip(group_means([a for _, a, _ in both], keys), b_p)]
     n = len(d)
+    if n < 2:
+        raise ValueError(f"need at least 2 paired groups with values, got {n}")
     mean = sum(d) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
-    return PairedGain(mean, sd / math.sqrt(n), sum(x > 0 for x in d) / n, n)
+    unit = "prompts" if groups is not None else "images"
+    return PairedGain(mean, sd / math.sqrt(n), sum(x > 0 for x in d) / n, n, unit, sum(b_p) / n)
+
+
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, int]:
+    """(mean, half-width of the ``level`` t confidence interval, n) of independent values (e.g. one per
+    seed); half-width NaN for n < 2."""
+    from scipy.stats import t
+
+    v = [float(x) for x in values if not math.isnan(float(x))]
+    n = len(v)
+    if n == 0:
+        return math.nan, math.nan, 0
+    mean = sum(v) / n
+    if n < 2:
+        return mean, math.nan, n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    return mean, float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n

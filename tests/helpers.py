@@ -89,11 +89,12 @@ def eval_table(run, name: str, epoch: int) -> list[tuple[str, float]]:
 
 
 def eval_gain(run, name: str, first: int, last: int):
-    """The paired gain (rlft.stats) of evaluation set ``name`` from epoch ``first`` to ``last``, read from
-    the run's evaluation tables (one row per image, the same prompts and noise in the same order)."""
+    """The paired gain over prompts (rlft.stats) of evaluation set ``name`` from epoch ``first`` to ``last``,
+    read from the run's evaluation tables (one row per image, the same prompts and noise in the same order)."""
     from rlft.stats import paired_gain
 
-    return paired_gain([r for _, r in eval_table(run, name, first)], [r for _, r in eval_table(run, name, last)])
+    before, after = eval_table(run, name, first), eval_table(run, name, last)
+    return paired_gain([r for _, r in before], [r for _, r in after], [p for p, _ in before])
 
 
 TINY_HPS_SIZE = 32  # the shrunk model's image size (224 in ViT-H-14)

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from rlft.errors import ConfigError
 from rlft.toy import WEIGHTS, ToyPrompts
 from rlft.toy.grammar import HELD_OUT, N_SINGLE, ObjectSpec, Scene, decode, parse, split_codes
-from rlft.toy.render import render_batch
-from rlft.toy.rewards import ToyAlignment, ToyColor
+from rlft.toy.render import Placed, draw, render_batch
+from rlft.toy.rewards import PARTS, ToyAlignment, ToyColor
 from tests.conftest import read_metrics, run_cli
 from tests.helpers import eval_gain
 
@@ -99,6 +99,48 @@ def test_alignment_map_sums_to_the_score_and_an_empty_canvas_scores_the_backgrou
     assert swapped.scores.item() < 0.6  # the same two objects, the wrong way round
 
 
+def test_sub_scores_are_one_on_the_renderers_images():
+    prompts = [*ToyPrompts("train", limit=64), *ToyPrompts("unseen", limit=32)]  # half single-object
+    scenes = [parse(p.text) for p in prompts]
+    out = ToyAlignment()(render_batch(scenes, seed=3), [s.text() for s in scenes], [{}] * len(scenes))
+    assert set(out.parts) == set(PARTS)
+    applies = {k: ~v.isnan() for k, v in out.parts.items()}
+    for k in ("background", "color", "shape", "size"):
+        assert applies[k].all(), k
+    assert applies["count"].sum() + applies["relation"].sum() == len(scenes)  # single xor relation
+    assert applies["place"].sum() == sum(s.place is not None for s in scenes) > 0
+    for k, v in out.parts.items():
+        assert v[applies[k]].mean() >= 0.99, (k, v)  # 1 up to the fit's sub-pixel error
+
+
+def _parts(placed: list, prompt: str, background: str = "white") -> dict:
+    image = torch.from_numpy(draw(placed, background))[None]
+    return {k: float(v) for k, v in ToyAlignment()(image, [prompt], [{}]).parts.items()}
+
+
+def test_sub_scores_name_the_error_by_hand():
+    red_circle = Placed("red", "circle", 16, 16, 5)
+    ok = _parts([red_circle], "a red circle")
+    assert ok == {**ok, "background": 1.0, "color": 1.0, "shape": 1.0, "size": 1.0, "count": 1.0}
+    assert math.isnan(ok["place"]) and math.isnan(ok["relation"])
+    # a square where a circle was asked for: only the shape is wrong
+    wrong = _parts([Placed("red", "square", 16, 16, 5)], "a red circle")
+    assert (wrong["color"], wrong["shape"], wrong["size"], wrong["count"]) == (1.0, 0.0, 1.0, 1.0)
+    # the wrong colour: the object is not found, so its shape and size cannot be read
+    blue = _parts([Placed("blue", "circle", 8, 8, 5)], "a red circle")
+    assert blue["color"] == 0.0 and math.isnan(blue["shape"]) and blue["count"] == 0.0
+    assert blue["background"] < 0.95  # the blue disc covers background pixels (the missing circle is put mid-image)
+    assert _parts([Placed("red", "circle", 16, 16, 7)], "a small red circle")["size"] == 0.0
+    assert _parts([red_circle, Placed("red", "circle", 5, 5, 3)], "a red circle")["count"] == 0.0
+    assert _parts([Placed("red", "circle", 6, 6, 5)], "a red circle in the bottom right corner")["place"] == 0.0
+    assert _parts([Placed("red", "circle", 26, 26, 5)], "a red circle in the bottom right corner")["place"] == 1.0
+    left, right = Placed("red", "circle", 8, 16, 5), Placed("blue", "square", 24, 16, 5)
+    assert _parts([left, right], "a red circle left of a blue square")["relation"] == 1.0
+    assert _parts([left, right], "a red circle right of a blue square")["relation"] == 0.0
+    half = _parts([left], "a red circle left of a blue square")
+    assert (half["color"], half["shape"], half["relation"]) == (0.5, 1.0, 0.0) and math.isnan(half["count"])
+
+
 def test_alignment_rejects_prompts_outside_the_grammar():
     with pytest.raises(ConfigError, match="toy_alignment cannot read the prompt 'a cat'"):
         ToyAlignment().check_prompts(["a red circle", "a cat"])
@@ -117,6 +159,10 @@ def test_color_reward_by_hand():
 
 
 # --------------------------------------------------------------------------- the model
+def _weights(path) -> dict:
+    return {part: load_file(next((path / part).glob("*.safetensors"))) for part in ("unet", "vae", "text_encoder")}
+
+
 def test_pretraining_script_is_deterministic_and_writes_a_loadable_pipeline(tmp_path):
     from rlft.models import DiffusionPolicy
     from rlft.toy.pretrain import pretrain
@@ -124,13 +170,49 @@ def test_pretraining_script_is_deterministic_and_writes_a_loadable_pipeline(tmp_
     args = dict(images=64, vae_steps=3, unet_steps=3, batch=8, seed=0, log=lambda _: None)
     pretrain(str(tmp_path / "a"), **args)
     pretrain(str(tmp_path / "b"), **args)
-    for part in ("unet", "vae", "text_encoder"):
-        a = load_file(next((tmp_path / "a" / part).glob("*.safetensors")))
-        b = load_file(next((tmp_path / "b" / part).glob("*.safetensors")))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    for part in a:
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert not (tmp_path / "a.work").exists()  # the resumable state goes once the pipeline is written
     policy = DiffusionPolicy.from_pretrained(str(tmp_path / "a"), finetune="full")
-    assert policy.latent_shape == (4, 8, 8) and policy.vae_scale_factor == 4
+    assert policy.latent_shape == (8, 8, 8) and policy.vae_scale_factor == 4
     assert policy.encode_prompts(["a red circle", ""]).shape == (2, 20, 64)
+
+
+def test_pretraining_stopped_in_each_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import rlft.toy.pretrain as pretraining
+
+    args = dict(images=64, vae_steps=6, unet_steps=6, batch=8, seed=0, log=lambda _: None)
+    pretraining.pretrain(str(tmp_path / "whole"), **args)
+    monkeypatch.setattr(pretraining, "_Checkpoint", _every_two_steps(pretraining._Checkpoint))
+    draws, batch = {"n": 0}, pretraining._batch
+
+    def stopping_batch(*a):  # a kill in VAE step 4 (of 6), then in UNet step 3 (after VAE steps 4 and 5)
+        draws["n"] += 1
+        if draws["n"] in (5, 5 + 2 + 4):
+            raise KeyboardInterrupt
+        return batch(*a)
+
+    monkeypatch.setattr(pretraining, "_batch", stopping_batch)
+    stops = 0
+    while True:
+        try:
+            pretraining.pretrain(str(tmp_path / "stopped"), **args)
+            break
+        except KeyboardInterrupt:
+            stops += 1
+    assert stops == 2
+    whole, stopped = _weights(tmp_path / "whole"), _weights(tmp_path / "stopped")
+    for part in whole:
+        assert all(torch.equal(whole[part][k], stopped[part][k]) for k in whole[part]), part
+
+
+def _every_two_steps(cls):
+    class Every2(cls):
+        def __init__(self, work, name, every):
+            super().__init__(work, name, 2)
+
+    return Every2
 
 
 @pytest.fixture(scope="module")

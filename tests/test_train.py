@@ -57,7 +57,7 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     assert gain.z > 2.0 and gain.improved > 0.6, gain
     seen = [r["eval/seen/reward/mean"] for r in rows if "eval/seen/reward/mean" in r]
     summary = f"evaluation reward on seen (simple_animals): {seen[0]:.4f} (epoch 0) -> {seen[1]:.4f} (epoch 8); gain "
-    assert summary in result.stdout and "(standard error over 32 paired images" in result.stdout, result.stdout
+    assert summary in result.stdout and "(standard error over 16 paired prompts" in result.stdout, result.stdout
     assert VOCABULARY <= set(train[0])
     assert (run / "samples" / "samples_00008.png").exists() and (run / "samples" / "eval_seen_00008.png").exists()
     assert (run / "checkpoints" / "epoch_00008" / "trainable.safetensors").exists()

@@ -19,6 +19,9 @@ class RewardOutput:
     scores: Tensor  # one scalar per image                       [B] float32, CPU
     maps: Tensor | None = None  # per-pixel reward, sums to the score  [B, H, W] float32, CPU
     components: dict[str, Tensor] = field(default_factory=dict)  # named parts of a composite  [B] each
+    # sub-scores that say what an image gets right (metrics only, never trained on), in [0, 1],
+    # NaN where an image's prompt does not name that attribute  [B] each
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
     @staticmethod
     def cat(outputs: Sequence[RewardOutput]) -> RewardOutput:
@@ -27,6 +30,7 @@ class RewardOutput:
             scores=torch.cat([o.scores for o in outputs]),
             maps=torch.cat(maps) if all(m is not None for m in maps) else None,
             components={k: torch.cat([o.components[k] for o in outputs]) for k in outputs[0].components},
+            parts={k: torch.cat([o.parts[k] for o in outputs]) for k in outputs[0].parts},
         )
 
 
@@ -59,6 +63,7 @@ class Reward:
             out.maps = out.maps.detach().float().cpu()
         if not out.components:
             out.components = {self.name: out.scores}
+        out.parts = {k: v.detach().float().cpu() for k, v in out.parts.items()}
         return out
 
 
@@ -96,7 +101,7 @@ class WeightedSum(Reward):
         return self
 
     def score(self, images, prompts, metadata) -> RewardOutput:
-        total, total_map, components = 0.0, 0.0, {}
+        total, total_map, components, parts = 0.0, 0.0, {}, {}
         for key, reward in self.rewards.items():
             out = reward(images, prompts, metadata)
             w = self.weights[key]
@@ -104,7 +109,8 @@ class WeightedSum(Reward):
             if self.gives_maps:
                 total_map = total_map + w * out.maps
             components[key] = out.scores
-        return RewardOutput(total, total_map if self.gives_maps else None, components)
+            parts.update({f"{key}/{name}": values for name, values in out.parts.items()})
+        return RewardOutput(total, total_map if self.gives_maps else None, components, parts)
 
 
 def score_in_batches(score_batch, images: Tensor, prompts: Sequence[str], batch_size: int) -> RewardOutput:

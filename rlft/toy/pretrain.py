@@ -1,6 +1,11 @@
 """Pretrain the toy text-to-image model on rendered scenes; write it in the diffusers layout.
 
-    python -m rlft.toy.pretrain --out rlft/toy/weights      # make toy-weights (~25 min on 2 CPU cores)
+    python -m rlft.toy.pretrain --out rlft/toy/weights      # make toy-weights (~2 h on 2 CPU cores)
+
+Stopped at any point, the same command continues where it was: every stage keeps its state
+(weights, optimizer, EMA, step) in ``<out>.work/`` every few hundred steps, and every batch and
+every noise draw comes from a generator seeded by (seed, stage, step), so a resumed run ends
+with the same weights as an uninterrupted one.
 
 The result is a ``StableDiffusionPipeline`` directory (model_index.json,
 tokenizer/, text_encoder/, unet/, vae/, scheduler/) that ``model=toy`` loads
@@ -8,8 +13,9 @@ with the same code as Stable Diffusion. Three stages, all on train-split
 prompts only (the unseen split is never shown):
 
 1. render ``--images`` scenes (half single-object, half two-object prompts) at 32x32;
-2. train a small AutoencoderKL (32x32x3 -> 8x8x4, a 4x factor as in PXPO's pooling)
-   on them, encode every image, and set ``scaling_factor`` = 1 / std(latents);
+2. train a small AutoencoderKL (32x32x3 -> 8x8x8, a 4x factor as in PXPO's pooling; eight
+   latent channels, because four blur squares into circles and shift colours) on them,
+   encode every image, and set ``scaling_factor`` = 1 / std(latents);
 3. train a word-level CLIP text encoder and a UNet2DConditionModel jointly with
    the epsilon-prediction loss of Stable Diffusion, 10% of prompts dropped to ""
    for classifier-free guidance, with an exponential moving average of weights.
@@ -23,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -31,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlft.seeding import seeded_generator
 from rlft.toy.grammar import (
     BACKGROUNDS,
     COLOR_NAMES,
@@ -47,6 +56,8 @@ from rlft.toy.grammar import (
 from rlft.toy.render import BASE_SIZE, render
 
 MAX_TOKENS = 20  # longest grammar prompt: 15 words + start + end
+LATENT_CHANNELS = 8
+VAE_STAGE, UNET_STAGE = 1, 2  # the first part of every generator key of a stage
 
 
 def vocabulary() -> list[str]:
@@ -106,17 +117,17 @@ def build_models(tokenizer, seed: int):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        block_out_channels=(32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS,
         norm_num_groups=8,
         sample_size=BASE_SIZE,
         mid_block_add_attention=False,
     )
     unet = UNet2DConditionModel(
         sample_size=BASE_SIZE // 4,
-        in_channels=4,
-        out_channels=4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(32, 64, 64),
@@ -141,14 +152,36 @@ def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(images) * 2 - 1, [s.text() for s in scenes]
 
 
-def _batches(n: int, batch: int, steps: int, generator: torch.Generator):
-    """Indices of ``steps`` batches, reshuffling at every pass."""
-    order, at = torch.randperm(n, generator=generator), 0
-    for _ in range(steps):
-        if at + batch > n:
-            order, at = torch.randperm(n, generator=generator), 0
-        yield order[at : at + batch]
-        at += batch
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    """The generator of one training step: its batch, dropout and noise depend on nothing else."""
+    return seeded_generator(seed, stage, step)
+
+
+def _batch(n: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    """``batch`` distinct indices of ``n``."""
+    return torch.randperm(n, generator=g)[:batch]
+
+
+class _Checkpoint:
+    """One stage's resumable state in ``work/<name>.pt``, written atomically every ``every`` steps."""
+
+    def __init__(self, work: Path | None, name: str, every: int):
+        self.path = None if work is None else Path(work) / f"{name}.pt"
+        self.every = every
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        return torch.load(self.path, weights_only=True)
+
+    def maybe_save(self, step: int, steps: int, state) -> None:
+        """After ``step`` (0-based) when a period ends (never after the last step: the stage's result is)."""
+        if self.path is None or (step + 1) % self.every or step + 1 == steps:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({"step": step + 1, **state()}, tmp)
+        os.replace(tmp, self.path)
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
@@ -159,16 +192,22 @@ def _lr(step: int, steps: int, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log) -> float:
+def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed: int, log, work=None) -> float:
     """Reconstruction (MSE) + 1e-6 KL, as SD's KL-f8 autoencoder, at a 4x factor."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    g = torch.Generator().manual_seed(seed)
+    ckpt, start, loss_avg = _Checkpoint(work, "vae", 250), 0, 0.0
+    saved = ckpt.load()
+    if saved is not None:
+        vae.load_state_dict(saved["vae"])
+        opt.load_state_dict(saved["opt"])
+        start, loss_avg = saved["step"], saved["loss_avg"]
+        log(f"vae: resumed at step {start}")
     vae.train()
-    loss_avg = 0.0
-    for step, idx in enumerate(_batches(len(images), batch, steps, g)):
+    for step in range(start, steps):
+        g = _step_generator(seed, VAE_STAGE, step)
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
-        x = images[idx]
+        x = images[_batch(len(images), batch, g)]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
@@ -178,6 +217,9 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed
         loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step:5d}/{steps}  loss {loss_avg:.5f}")
+        ckpt.maybe_save(
+            step, steps, lambda la=loss_avg: {"vae": vae.state_dict(), "opt": opt.state_dict(), "loss_avg": la}
+        )
     vae.eval()
     return loss_avg
 
@@ -200,7 +242,9 @@ def reconstruction_accuracy(vae, images: torch.Tensor, latents: torch.Tensor) ->
     return (classify(decoded / 2 + 0.5, 0.3) == classify(images / 2 + 0.5, 0.3)).float().mean().item()
 
 
-def train_denoiser(text_encoder, unet, scheduler, latents, ids, empty_ids, steps, batch, lr, seed, log) -> float:
+def train_denoiser(
+    text_encoder, unet, scheduler, latents, ids, empty_ids, steps, batch, lr, seed, log, work=None
+) -> float:
     """Stable Diffusion's loss ||eps - eps_theta(sqrt(abar) z + sqrt(1 - abar) eps, t, c)||^2, text encoder
     and UNet trained together; prompts dropped to "" with probability 0.1; EMA(0.999) of both."""
     from diffusers.training_utils import EMAModel
@@ -208,14 +252,24 @@ def train_denoiser(text_encoder, unet, scheduler, latents, ids, empty_ids, steps
     params = list(text_encoder.parameters()) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     ema_unet, ema_text = EMAModel(unet.parameters(), decay=0.999), EMAModel(text_encoder.parameters(), decay=0.999)
-    g = torch.Generator().manual_seed(seed)
+    ckpt, start, loss_avg = _Checkpoint(work, "denoiser", 500), 0, 0.0
+    state = ckpt.load()
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        opt.load_state_dict(state["opt"])
+        ema_unet.load_state_dict(state["ema_unet"])
+        ema_text.load_state_dict(state["ema_text"])
+        start, loss_avg = state["step"], state["loss_avg"]
+        log(f"unet: resumed at step {start}")
     text_encoder.train()
     unet.train()
     abar = scheduler.alphas_cumprod
-    loss_avg = 0.0
-    for step, idx in enumerate(_batches(len(latents), batch, steps, g)):
+    for step in range(start, steps):
+        g = _step_generator(seed, UNET_STAGE, step)
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, lr)
+        idx = _batch(len(latents), batch, g)
         z0, tokens = latents[idx], ids[idx].clone()
         tokens[torch.rand(len(idx), generator=g) < 0.1] = empty_ids
         t = torch.randint(0, len(abar), (len(idx),), generator=g)
@@ -233,6 +287,18 @@ def train_denoiser(text_encoder, unet, scheduler, latents, ids, empty_ids, steps
         loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
         if step % 200 == 0 or step == steps - 1:
             log(f"unet step {step:5d}/{steps}  loss {loss_avg:.4f}")
+        ckpt.maybe_save(
+            step,
+            steps,
+            lambda la=loss_avg: {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "opt": opt.state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "loss_avg": la,
+            },
+        )
     ema_unet.copy_to(unet.parameters())
     ema_text.copy_to(text_encoder.parameters())
     text_encoder.eval()
@@ -242,33 +308,54 @@ def train_denoiser(text_encoder, unet, scheduler, latents, ids, empty_ids, steps
 
 def pretrain(
     out: str,
-    images: int = 64_000,
-    vae_steps: int = 1500,
-    unet_steps: int = 4000,
+    images: int = 96_000,
+    vae_steps: int = 2500,
+    unet_steps: int = 12_000,
     batch: int = 64,
     seed: int = 0,
     log=print,
+    work: str | None = None,
 ) -> dict:
-    """All three stages; writes the pipeline to ``out`` and returns a summary (also saved as pretrain.json)."""
+    """All three stages; writes the pipeline to ``out`` and returns a summary (also saved as pretrain.json).
+    ``work`` (default ``<out>.work``) keeps the resumable state; it is removed when the pipeline is written."""
     from rlft.models import save_pipeline, sd_scheduler
 
     start = time.time()
+    work_dir = Path(work) if work is not None else Path(str(out).rstrip("/") + ".work")
+    clock = work_dir / "wall.json"  # seconds spent by earlier, interrupted invocations
+    earlier = json.loads(clock.read_text())["wall_s"] if clock.is_file() else 0.0
+
+    def log_and_clock(message: str) -> None:
+        log(message)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        clock.write_text(json.dumps({"wall_s": earlier + time.time() - start}))
+
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer, seed)
     scheduler = sd_scheduler()
     pixels, texts = render_dataset(images, seed)
-    log(f"rendered {len(texts)} scenes in {time.time() - start:.0f} s")
-    vae_loss = train_vae(vae, pixels, vae_steps, batch, 2e-3, seed, log)
+    log_and_clock(f"rendered {len(texts)} scenes in {time.time() - start:.0f} s")
+    vae_done = work_dir / "vae_final.pt"
+    if vae_done.is_file():
+        state = torch.load(vae_done, weights_only=True)
+        vae.load_state_dict(state["vae"])
+        vae_loss = state["loss"]
+        vae.eval()
+        log_and_clock("vae: trained already (resumed)")
+    else:
+        vae_loss = train_vae(vae, pixels, vae_steps, batch, 2e-3, seed, log_and_clock, work_dir)
+        torch.save({"vae": vae.state_dict(), "loss": vae_loss}, vae_done.with_suffix(".tmp"))
+        os.replace(vae_done.with_suffix(".tmp"), vae_done)
     latents = encode_latents(vae, pixels)
     vae_accuracy = reconstruction_accuracy(vae, pixels[:512], latents[:512])
     tok = lambda prompts: tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
     ids, empty_ids = tok(texts).input_ids, tok([""]).input_ids[0]
-    log(
+    log_and_clock(
         f"vae done at {time.time() - start:.0f} s, scaling_factor {vae.config.scaling_factor:.4f}, "
         f"pixels whose palette colour survives encode+decode: {vae_accuracy:.4f}"
     )
     unet_loss = train_denoiser(
-        text_encoder, unet, scheduler, latents, ids, empty_ids, unet_steps, batch, 1e-3, seed, log
+        text_encoder, unet, scheduler, latents, ids, empty_ids, unet_steps, batch, 1e-3, seed, log_and_clock, work_dir
     )
     save_pipeline(out, tokenizer, text_encoder, unet, vae, scheduler)
     summary = {
@@ -285,13 +372,15 @@ def pretrain(
             "vae": sum(p.numel() for p in vae.parameters()),
             "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
         },
-        "wall_s": round(time.time() - start, 1),
+        "latent_channels": LATENT_CHANNELS,
+        "wall_s": round(earlier + time.time() - start, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "machine": platform.machine(),
         "palette": {"colors": list(COLOR_NAMES), "backgrounds": [b for b in BACKGROUNDS if b]},
     }
     Path(out, "pretrain.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(work_dir, ignore_errors=True)
     log(f"wrote {out} in {summary['wall_s']} s")
     return summary
 
@@ -334,9 +423,9 @@ def evaluate(path: str, prompts_per_split: int = 64, steps: int = 20, guidance: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
-    parser.add_argument("--images", type=int, default=64_000)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--unet-steps", type=int, default=4000)
+    parser.add_argument("--images", type=int, default=96_000)
+    parser.add_argument("--vae-steps", type=int, default=2500)
+    parser.add_argument("--unet-steps", type=int, default=12_000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate", metavar="PNG", help="only evaluate --out; write its sample grid to PNG")

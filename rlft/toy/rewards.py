@@ -20,6 +20,23 @@ toy_alignment  (scalar in [0, 1], plus a per-pixel map that sums to it)
     (1/3 by default). The map holds each pixel's term (weight x agree) so that
     map.sum() == r, which is PXPO's "image reward = sum of its pixel rewards".
 
+    Sub-scores (metrics only, each in [0, 1]; NaN where the prompt does not name
+    the attribute) say *what* an image gets right. An object is *found* when a
+    connected region of its colour has at least MIN_PIXELS pixels; the found
+    regions are read without the prompt's constraints:
+
+        background  mean_{ideal background pixels} agree (the reward's background term)
+        color       fraction of described objects found in their colour
+        shape       fraction of found objects whose region the described shape fits best
+                    (highest IoU among the four shapes, each fitted freely)
+        size        fraction of found objects whose fitted extent is nearest the described
+                    size's range (small / medium / large)
+        place       place prompts: the object's fitted centre lies where the renderer puts
+                    centres for the described grid cell (up to FIT_SLACK pixels)
+        count       single-object prompts: as many regions of the colour as the count says
+        relation    relation prompts: both objects found and "A <relation> B" holds between
+                    their free fits (up to FIT_SLACK pixels)
+
 toy_color  (PXPO's colour feedback; scalar in [0, 1] plus its map)
 
     r = mean_{pixels} (1 - ||x_ij - c|| / sqrt(3)),  c the target colour (RGB in [0, 1])
@@ -42,6 +59,7 @@ from rlft.toy.render import (
     GAP,
     SHAPE_AREA,
     SHAPE_CENTROID_DY,
+    SIZE_RANGES,
     Placed,
     cell_range,
     relation_holds,
@@ -51,6 +69,8 @@ from rlft.toy.render import (
 
 PALETTE_NAMES = tuple(PALETTE)
 FIT_SLACK = 1.0  # pixels a fitted relation may miss by (the fit's own error) before it is enforced
+MIN_PIXELS = 6  # at 32x32 (scaled with the area): the smallest region that counts as a found object
+PARTS = ("background", "color", "shape", "size", "place", "count", "relation")
 PALETTE_RGB = torch.tensor([PALETTE[n] for n in PALETTE_NAMES])  # [K, 3]
 
 
@@ -77,8 +97,9 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return [(labels[0, 0] == ids[i]).numpy() for i in order]
 
 
-def _fit(region: np.ndarray, shape: str, r_range: tuple[float, float], box: tuple) -> Placed:
-    """The allowed shape (extent within r_range, centre within box) closest to a region (max IoU)."""
+def _fit(region: np.ndarray, shape: str, r_range: tuple[float, float], box) -> tuple[tuple[float, float, float], float]:
+    """The allowed shape (extent within r_range, centre within box) closest to a region (max IoU):
+    its (cx, cy, r) and that IoU."""
     ys, xs = np.nonzero(region)
     r0 = float(np.clip(math.sqrt(len(xs) / SHAPE_AREA[shape]), *r_range))
     cx0, cy0 = xs.mean() + 0.5, ys.mean() + 0.5 - SHAPE_CENTROID_DY[shape] * r0
@@ -91,8 +112,31 @@ def _fit(region: np.ndarray, shape: str, r_range: tuple[float, float], box: tupl
                 m = shape_mask(shape, cx, cy, float(r), region.shape[0])
                 iou = (m & region).sum() / max((m | region).sum(), 1)
                 if iou > best_iou:
-                    best, best_iou = (cx, cy, float(r)), iou
-    return best
+                    best, best_iou = (cx, cy, float(r)), float(iou)
+    return best, best_iou
+
+
+def _extent(region: np.ndarray, shape: str) -> tuple[float, float, float]:
+    """The free fit of ``shape`` to a region, (cx, cy, r): every fit of the highest IoU on a fine grid,
+    averaged (pixel-centre masks make IoU flat over a range of r; its middle is the unbiased estimate)."""
+    size = region.shape[0]
+    ys, xs = np.nonzero(region)
+    r0 = math.sqrt(len(xs) / SHAPE_AREA[shape])
+    cx0, cy0 = xs.mean() + 0.5, ys.mean() + 0.5 - SHAPE_CENTROID_DY[shape] * r0
+    fits, ious = [], []
+    for r in r0 + np.arange(-0.75, 0.76, 0.125):
+        for dx in (-0.25, 0.0, 0.25):
+            for dy in (-0.25, 0.0, 0.25):
+                m = shape_mask(shape, cx0 + dx, cy0 + dy, float(r), size)
+                ious.append((m & region).sum() / max((m | region).sum(), 1))
+                fits.append((cx0 + dx, cy0 + dy, float(r)))
+    best = np.asarray(ious) >= max(ious) - 1e-9
+    return tuple(float(v) for v in np.asarray(fits)[best].mean(axis=0))
+
+
+def _free_box(size: int):
+    """Centres that keep an extent-r shape inside the image."""
+    return lambda r: ((r, size - r), (r, size - r))
 
 
 def _enforce(a: Placed, b: Placed, relation: str, size: int) -> tuple[Placed, Placed]:
@@ -116,9 +160,16 @@ def _enforce(a: Placed, b: Placed, relation: str, size: int) -> tuple[Placed, Pl
     return Placed(a.color, a.shape, qa, pa, a.r), Placed(b.color, b.shape, qb, pb, b.r)
 
 
-def ideal_scene(labels: np.ndarray, scene: Scene) -> list[Placed]:
-    """The placement of the scene's objects that best explains a labelled image  (labels [H, W])."""
+def color_regions(labels: np.ndarray, scene: Scene) -> dict[str, list[np.ndarray]]:
+    """The connected regions of each object colour the scene names, largest first."""
+    return {o.color: components(labels == PALETTE_NAMES.index(o.color)) for o in scene.objects}
+
+
+def ideal_scene(labels: np.ndarray, scene: Scene, regions: dict[str, list[np.ndarray]] | None = None) -> list[Placed]:
+    """The placement of the scene's objects that best explains a labelled image  (labels [H, W];
+    ``regions`` as :func:`color_regions` gives them, computed when not given)."""
     size = labels.shape[0]
+    regions = color_regions(labels, scene) if regions is None else regions
     placed: list[Placed] = []
     for k, obj in enumerate(scene.objects):
         r_range = size_range(obj.size, size)
@@ -128,16 +179,13 @@ def ideal_scene(labels: np.ndarray, scene: Scene) -> list[Placed]:
             def box(r, row=row, col=col):
                 return cell_range(col, r, size), cell_range(row, r, size)
         else:
-
-            def box(r):
-                return (r, size - r), (r, size - r)
-
+            box = _free_box(size)
         copies = scene.count if scene.relation is None else 1
-        regions = components(labels == PALETTE_NAMES.index(obj.color))[:copies]
-        for region in regions:
-            cx, cy, r = _fit(region, obj.shape, r_range, box)
+        found = regions[obj.color][:copies]
+        for region in found:
+            (cx, cy, r), _ = _fit(region, obj.shape, r_range, box)
             placed.append(Placed(obj.color, obj.shape, cx, cy, r))
-        for _ in range(copies - len(regions)):  # missing: where the prompt puts it, mid size
+        for _ in range(copies - len(found)):  # missing: where the prompt puts it, mid size
             r = sum(r_range) / 2
             (x_lo, x_hi), (y_lo, y_hi) = box(r)
             cx, cy = (x_lo + x_hi) / 2, (y_lo + y_hi) / 2
@@ -147,6 +195,56 @@ def ideal_scene(labels: np.ndarray, scene: Scene) -> list[Placed]:
     if scene.relation is not None:
         placed = list(_enforce(placed[0], placed[1], scene.relation, size))
     return placed
+
+
+def sub_scores(labels: np.ndarray, scene: Scene, regions: dict[str, list[np.ndarray]] | None = None) -> dict:
+    """The image's sub-scores (module docstring), NaN for attributes the prompt does not name."""
+    size = labels.shape[0]
+    regions = color_regions(labels, scene) if regions is None else regions
+    min_pixels = MIN_PIXELS * (size / 32) ** 2
+    nan = float("nan")
+    out = dict.fromkeys(PARTS, nan)
+    ideal = ideal_scene(labels, scene, regions)
+    bg_index = PALETTE_NAMES.index(scene.background_color)
+    ideal_bg = np.ones(labels.shape, dtype=bool)
+    for p in ideal:
+        ideal_bg &= ~shape_mask(p.shape, p.cx, p.cy, p.r, size)
+    out["background"] = float((labels[ideal_bg] == bg_index).mean()) if ideal_bg.any() else nan
+    copies = scene.count if scene.relation is None else 1
+    found, described, fits = 0, 0, []  # fits: (object, region, free fit) per found object
+    for obj in scene.objects:
+        big = [r for r in regions[obj.color] if r.sum() >= min_pixels]
+        described += copies
+        found += min(len(big), copies)
+        for region in big[:copies]:
+            fits.append((obj, region, _extent(region, obj.shape)))
+        if scene.relation is None:
+            out["count"] = float(len(big) == scene.count)
+    out["color"] = found / described
+    if fits:
+        shapes, sizes = [], []
+        for obj, region, (_, _, r) in fits:
+            ious = {s: _fit(region, s, (0.5, size / 2), _free_box(size))[1] for s in SHAPE_AREA}
+            shapes.append(max(ious, key=ious.get) == obj.shape)
+            gaps = {z: max(lo - r, r - hi, 0.0) for z, (lo, hi) in ((z, size_range(z, size)) for z in SIZE_RANGES)}
+            sizes.append(min(gaps, key=gaps.get) == obj.size)
+        out["shape"], out["size"] = float(np.mean(shapes)), float(np.mean(sizes))
+    if scene.place is not None:
+        out["place"] = 0.0
+        if fits:
+            (row, col), (cx, cy, r) = scene.place, fits[0][2]
+            inside = [
+                lo - FIT_SLACK <= v <= hi + FIT_SLACK
+                for v, (lo, hi) in ((cx, cell_range(col, r, size)), (cy, cell_range(row, r, size)))
+            ]
+            out["place"] = float(all(inside))
+    if scene.relation is not None:
+        out["relation"] = 0.0
+        if len(fits) == 2:
+            (a, _, fa), (b, _, fb) = fits
+            pa, pb = Placed(a.color, a.shape, *fa), Placed(b.color, b.shape, *fb)
+            out["relation"] = float(relation_holds(pa, pb, scene.relation, slack=FIT_SLACK))
+    return out
 
 
 def _default_relation_centre(relation: str, k: int, size: int) -> tuple[float, float]:
@@ -178,15 +276,21 @@ class ToyAlignment(Reward):
 
     def score(self, images, prompts, metadata) -> RewardOutput:
         labels = classify(images, self.color_tolerance).numpy()  # [B, H, W]
-        maps = [self.pixel_terms(lab, _scene(p)) for lab, p in zip(labels, prompts)]
+        maps, parts = [], []
+        for lab, prompt in zip(labels, prompts):
+            scene = _scene(prompt)
+            regions = color_regions(lab, scene)
+            maps.append(self.pixel_terms(lab, scene, regions))
+            parts.append(sub_scores(lab, scene, regions))
         maps = torch.from_numpy(np.stack(maps))  # [B, H, W]
-        return RewardOutput(maps.sum(dim=(1, 2)), maps)
+        parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in PARTS}
+        return RewardOutput(maps.sum(dim=(1, 2)), maps, parts=parts)
 
-    def pixel_terms(self, labels: np.ndarray, scene: Scene) -> np.ndarray:
+    def pixel_terms(self, labels: np.ndarray, scene: Scene, regions: dict | None = None) -> np.ndarray:
         """weight x agree per pixel  [H, W] float32 (sums to the reward)."""
         size = labels.shape[0]
         ideal = np.full_like(labels, PALETTE_NAMES.index(scene.background_color))
-        for p in ideal_scene(labels, scene):
+        for p in ideal_scene(labels, scene, regions):
             ideal[shape_mask(p.shape, p.cx, p.cy, p.r, size)] = PALETTE_NAMES.index(p.color)
         agree = labels == ideal
         weight = np.zeros(labels.shape, dtype=np.float32)
