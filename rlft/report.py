@@ -4,25 +4,34 @@ Reads every run under the directory (a folder holding ``metrics.jsonl`` and Hydr
 ``.hydra/overrides.yaml``), groups the runs by the overrides in which they differ, seeds aside
 (one group per method, e.g. ``algorithm=prdp``), and writes next to them:
 
-* ``report.png``: per evaluation set, the reward against epochs; and the training reward against
-  sampled images; each group's mean over seeds as a line, its spread (min to max) shaded;
-* ``report.md``: one row per group: seeds, sampled images, and each evaluation set's reward at
-  the first and last evaluation (mean ± std over seeds), and the training reward over the last
-  third of the epochs.
+* ``report.md``: per group, seeds, sampled images, each evaluation set's reward at the first and
+  the last evaluation and the training reward over the last third of the epochs, each as the mean
+  over seeds ± the half-width of its 95% t confidence interval (rlft/stats.py: mean ± t_{S-1,0.975}
+  std / sqrt(S)); then the *paired* differences to the baseline group (``--baseline``, default the
+  first): for every seed both groups ran, d_s = last_s(group) - last_s(baseline), and mean_s d_s ±
+  its 95% CI. A difference whose interval holds 0 is inside the noise, and the table says so.
+* ``report.json``: the same numbers, machine-readable.
+* ``report.png``: per evaluation set, the reward against epochs; the training reward against
+  sampled images; loss, approx KL, clip fraction and gradient norm against epochs; and each
+  evaluation sub-score the reward reports. Each group's mean over seeds is a line, its 95% CI
+  shaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import yaml
 
+from rlft.stats import t_interval
+
 IGNORED = ("seed=", "run_name=", "resume=", "logger=", "paths.", "trainer.progress_bar=")
+TRAIN_PANELS = ("train/loss", "train/approx_kl", "train/clipfrac", "train/grad_norm")
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -43,6 +52,10 @@ def overrides_of(run: Path) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(IGNORED)]
 
 
+def seed_of(run: Path, default: int) -> int:
+    return int((hydra_file(run, "config") or {}).get("seed", default))
+
+
 def read_rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -58,79 +71,162 @@ def eval_sets(rows: list[dict]) -> list[str]:
     return names
 
 
-def _mean_std(values: list[float]) -> str:
+def sub_scores(rows: list[dict]) -> list[str]:
+    """Names of the evaluation sub-scores in a run's metrics (eval/<set>/reward/<part>/mean)."""
+    parts = []
+    for r in rows:
+        for key in r:
+            bits = key.split("/")
+            if len(bits) == 5 and bits[0] == "eval" and bits[2] == "reward" and bits[4] == "mean":
+                if bits[3] not in parts:
+                    parts.append(bits[3])
+    return parts
+
+
+def series(rows: list[dict], key: str) -> list[float]:
+    return [r[key] for r in rows if key in r and r[key] is not None]
+
+
+def last_third(rows: list[dict], key: str = "reward/mean") -> float:
+    values = series(rows, key)
     if not values:
+        return math.nan
+    tail = values[-max(1, len(values) // 3) :]
+    return sum(tail) / len(tail)
+
+
+def _ci(values: list[float]) -> dict:
+    mean, half, n = t_interval(values)
+    return {"mean": mean, "ci95": half, "n": n}
+
+
+def _cell(stat: dict) -> str:
+    if stat["n"] == 0:
         return "-"
-    std = statistics.pstdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.3f} ± {std:.3f}"
+    if math.isnan(stat["ci95"]):
+        return f"{stat['mean']:.4f} (1 seed)"
+    return f"{stat['mean']:.4f} ± {stat['ci95']:.4f}"
 
 
-def summarise(groups: dict[str, list[list[dict]]], samples_per_epoch: dict[str, float]) -> str:
-    sets = sorted({s for runs in groups.values() for rows in runs for s in eval_sets(rows)})
-    head = ["method", "seeds", "images"]
-    for s in sets:
-        head += [f"{s}: first", f"{s}: last"]
-    head.append("train reward, last third")
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+Run = tuple[int, list[dict]]  # (seed, metrics rows)
+
+
+def summarise(groups: dict[str, list[Run]], images: dict[str, float], baseline: str) -> dict:
+    """Every number of the report (see the module docstring)."""
+    sets = sorted({s for runs in groups.values() for _, rows in runs for s in eval_sets(rows)})
+    out: dict = {"sets": sets, "baseline": baseline, "groups": {}, "differences": {}}
     for label, runs in groups.items():
-        cells = [label, str(len(runs)), f"{samples_per_epoch[label]:.0f}"]
+        g = {"seeds": sorted(seed for seed, _ in runs), "images": images[label]}
         for s in sets:
             key = f"eval/{s}/reward/mean"
-            evals = [[r[key] for r in rows if key in r] for rows in runs]
-            cells.append(_mean_std([e[0] for e in evals if e]))
-            cells.append(_mean_std([e[-1] for e in evals if e]))
-        thirds = []
-        for rows in runs:
-            train = [r["reward/mean"] for r in rows if "reward/mean" in r]
-            if train:
-                tail = train[-max(1, len(train) // 3) :]
-                thirds.append(sum(tail) / len(tail))
-        cells.append(_mean_std(thirds))
+            evals = [series(rows, key) for _, rows in runs]
+            g[f"{s}/first"] = _ci([e[0] for e in evals if e])
+            g[f"{s}/last"] = _ci([e[-1] for e in evals if e])
+            g[f"{s}/gain"] = _ci([e[-1] - e[0] for e in evals if len(e) > 1])
+        g["train/last_third"] = _ci([v for _, rows in runs if not math.isnan(v := last_third(rows))])
+        out["groups"][label] = g
+    base = {seed: rows for seed, rows in groups.get(baseline, [])}
+    for label, runs in groups.items():
+        if label == baseline:
+            continue
+        diff = {}
+        for s in sets:
+            key = f"eval/{s}/reward/mean"
+            d = [series(rows, key)[-1] - series(base[seed], key)[-1] for seed, rows in runs if seed in base]
+            diff[s] = {**_ci(d), "per_seed": d}
+        out["differences"][label] = diff
+    return out
+
+
+def markdown(summary: dict) -> str:
+    sets, lines = summary["sets"], []
+    head = ["method", "seeds", "images"]
+    for s in sets:
+        head += [f"{s}: first", f"{s}: last", f"{s}: gain"]
+    head.append("train reward, last third")
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, g in summary["groups"].items():
+        cells = [label, str(len(g["seeds"])), f"{g['images']:.0f}"]
+        for s in sets:
+            cells += [_cell(g[f"{s}/first"]), _cell(g[f"{s}/last"]), _cell(g[f"{s}/gain"])]
+        cells.append(_cell(g["train/last_third"]))
         lines.append("| " + " | ".join(cells) + " |")
+    lines.append("\nMean over seeds ± half-width of the 95% t confidence interval.")
+    if summary["differences"]:
+        lines += [
+            f"\n## Paired differences to `{summary['baseline']}` (last evaluation, per seed)\n",
+            "| method | " + " | ".join(f"{s}: difference" for s in sets) + " |",
+            "|" + " --- |" * (len(sets) + 1),
+        ]
+        for label, diff in summary["differences"].items():
+            cells = [label]
+            for s in sets:
+                d = diff[s]
+                verdict = ""
+                if d["n"] >= 2 and not math.isnan(d["ci95"]):
+                    verdict = " (inside the noise)" if abs(d["mean"]) <= d["ci95"] else " (resolved)"
+                cells.append(_cell(d) + (f", {d['n']} seeds" if d["n"] else "") + verdict)
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _band(ax, xs_per_run: list[list[float]], ys_per_run: list[list[float]], label: str) -> None:
-    n = min(len(y) for y in ys_per_run)
-    if n == 0:
+def _band(ax, xs_per_run: list[list[float]], ys_per_run: list[list[float]], label: str, style: str = "-") -> None:
+    ys_per_run = [y for y in ys_per_run if y]
+    if not ys_per_run:
         return
-    xs = xs_per_run[0][:n]
-    columns = list(zip(*[y[:n] for y in ys_per_run]))
-    mean = [statistics.fmean(c) for c in columns]
-    line = ax.plot(xs, mean, marker="o", markersize=3, label=label)[0]
+    n = min(len(y) for y in ys_per_run)
+    xs = [x for x in xs_per_run if x][0][:n]
+    stats = [t_interval(list(column)) for column in zip(*[y[:n] for y in ys_per_run])]
+    mean = [m for m, _, _ in stats]
+    line = ax.plot(xs, mean, style, marker="o", markersize=3, label=label)[0]
     if len(ys_per_run) > 1:
-        ax.fill_between(xs, [min(c) for c in columns], [max(c) for c in columns], alpha=0.2, color=line.get_color())
+        lo = [m - h for m, h, _ in stats]
+        hi = [m + h for m, h, _ in stats]
+        ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
 
 
-def plot(groups: dict[str, list[list[dict]]], samples_per_epoch: dict[str, float], out: Path) -> None:
+def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sets = sorted({s for runs in groups.values() for rows in runs for s in eval_sets(rows)})
-    panels = len(sets) + 1
-    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.6), squeeze=False)
-    for ax, s in zip(axes[0], sets):
-        key = f"eval/{s}/reward/mean"
+    all_rows = [rows for runs in groups.values() for _, rows in runs]
+    sets = sorted({s for rows in all_rows for s in eval_sets(rows)})
+    parts = list(dict.fromkeys(p for rows in all_rows for p in sub_scores(rows)))
+    train = [k for k in TRAIN_PANELS if any(series(rows, k) for rows in all_rows)]
+    panels = [("eval", s) for s in sets] + [("train_reward", None)] + [("train", k) for k in train]
+    panels += [("part", p) for p in parts]
+    cols = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    for ax, (kind, what) in zip(axes.flat, panels):
         for label, runs in groups.items():
-            xs = [[r["epoch"] for r in rows if key in r] for rows in runs]
-            ys = [[r[key] for r in rows if key in r] for rows in runs]
-            _band(ax, xs, ys, label)
-        ax.set_title(f"eval/{s}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("reward")
-    ax = axes[0][-1]
-    for label, runs in groups.items():
-        per = samples_per_epoch[label]
-        xs = [[r["epoch"] * per for r in rows if "reward/mean" in r] for rows in runs]
-        ys = [[r["reward/mean"] for r in rows if "reward/mean" in r] for rows in runs]
-        _band(ax, xs, ys, label)
-    ax.set_title("training reward")
-    ax.set_xlabel("sampled images")
-    axes[0][0].legend(fontsize=7)
+            runs_rows = [rows for _, rows in runs]
+            if kind == "train_reward":
+                per = samples_per_epoch[label]
+                xs = [[r["epoch"] * per for r in rows if "reward/mean" in r] for rows in runs_rows]
+                _band(ax, xs, [series(rows, "reward/mean") for rows in runs_rows], label)
+                continue
+            keys = {"eval": [f"eval/{what}/reward/mean"], "train": [what]}.get(kind)
+            if kind == "part":
+                keys = [f"eval/{s}/reward/{what}/mean" for s in sets]
+            for key, style in zip(keys, styles):
+                xs = [[r["epoch"] for r in rows if key in r and r[key] is not None] for rows in runs_rows]
+                name = f"{label} [{key.split('/')[1]}]" if kind == "part" else label
+                _band(ax, xs, [series(rows, key) for rows in runs_rows], name, style)
+        title = {"eval": f"eval/{what}: reward", "train_reward": "training reward", "train": what}.get(kind)
+        ax.set_title(title or f"eval sub-score: {what}", fontsize=9)
+        ax.set_xlabel("sampled images" if kind == "train_reward" else "epoch")
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    if parts:
+        axes.flat[len(panels) - len(parts)].legend(fontsize=6)
+    fig.suptitle("mean over seeds, 95% confidence interval shaded", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
 
 
@@ -140,41 +236,60 @@ def samples_per_epoch_of(run: Path) -> float:
     return float(t.get("prompts_per_epoch", 0) * t.get("images_per_prompt", 0))
 
 
-def report(root: Path) -> tuple[Path, Path]:
+def report(root: Path, baseline: str | None = None) -> tuple[Path, Path]:
     runs = find_runs(root)
     if not runs:
         raise SystemExit(f"rlft.report: error: no run (a folder with metrics.jsonl) under {root}")
     overrides = {run: overrides_of(run) for run in runs}
     common = set.intersection(*(set(o) for o in overrides.values()))  # shared by every run: not a method
-    groups: dict[str, list[list[dict]]] = defaultdict(list)
+    groups: dict[str, list[Run]] = defaultdict(list)
     samples: dict[str, float] = {}
-    for run in runs:
+    for i, run in enumerate(runs):
         label = " ".join(o for o in overrides[run] if o not in common) or "defaults"
-        groups[label].append(read_rows(run))
+        groups[label].append((seed_of(run, i), read_rows(run)))
         samples[label] = samples_per_epoch_of(run)
     groups = dict(sorted(groups.items()))
-    table = summarise(groups, {k: v * _epochs(groups[k]) for k, v in samples.items()})
+    if baseline is None:
+        baseline = next(iter(groups))
+    elif baseline not in groups:
+        matches = [g for g in groups if baseline in g]
+        if len(matches) != 1:
+            raise SystemExit(f"rlft.report: error: --baseline '{baseline}' names none of {sorted(groups)} uniquely")
+        baseline = matches[0]
+    images = {k: v * _epochs(groups[k]) for k, v in samples.items()}
+    summary = summarise(groups, images, baseline)
     md, png = root / "report.md", root / "report.png"
     shared = " ".join(o for o in next(iter(overrides.values())) if o in common) or "(none)"
     md.write_text(
         f"# Comparison of {len(runs)} runs in {root.name}\n\nShared overrides: `{shared}`\n\n"
-        f"![reward curves](report.png)\n\n{table}"
+        f"![reward curves](report.png)\n\n{markdown(summary)}"
     )
+    (root / "report.json").write_text(json.dumps(_no_nan(summary), indent=1) + "\n")
     plot(groups, samples, png)
     return md, png
 
 
-def _epochs(runs: list[list[dict]]) -> int:
-    return max((r.get("epoch", 0) for rows in runs for r in rows), default=0)
+def _no_nan(value):
+    """JSON has no NaN: an interval of one seed is written as null."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def _epochs(runs: list[Run]) -> int:
+    return max((r.get("epoch", 0) for _, rows in runs for r in rows), default=0)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="a multirun directory (or any folder of runs)")
+    parser.add_argument("--baseline", help="the group the others are compared with (default: the first)")
     args = parser.parse_args(argv)
-    md, png = report(args.directory)
+    md, png = report(args.directory, args.baseline)
     sys.stdout.write(md.read_text())
-    print(f"\nwrote {md} and {png}")
+    print(f"\nwrote {md}, {md.with_suffix('.json')} and {png}")
 
 
 if __name__ == "__main__":

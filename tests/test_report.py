@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
+
+import pytest
+import yaml
 
 from tests.conftest import run_cli, run_process
 
@@ -28,12 +32,40 @@ def test_multirun_over_three_algorithms_and_the_report(cache_dir, tmp_path):
     done = run_process([sys.executable, "-m", "rlft.report", str(sweep)], cache_dir, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     table = (sweep / "report.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| algorithm=")]
+    methods = table.split("## Paired differences")[0]
+    rows = [line for line in methods.splitlines() if line.startswith("| algorithm=")]
     assert [r.split(" | ")[0] for r in rows] == ["| algorithm=ddpo", "| algorithm=prdp", "| algorithm=pxpo"]
     assert all(r.split(" | ")[1] == "2" for r in rows)  # two seeds each
     assert "seen: last" in table and "unseen: last" in table
     png = (sweep / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the numbers, by hand from the runs' own metrics: 95% t intervals over the 2 seeds (t_{1, 0.975})
+    last = {}
+    for run in sweep.glob("*/metrics.jsonl"):
+        overrides = yaml.safe_load((run.parent / ".hydra" / "overrides.yaml").read_text())
+        algorithm = next(o.split("=")[1] for o in overrides if o.startswith("algorithm="))
+        seed = int(next(o.split("=")[1] for o in overrides if o.startswith("seed=")))
+        rows = [json.loads(line) for line in run.read_text().splitlines()]
+        last[algorithm, seed] = [r["eval/seen/reward/mean"] for r in rows if "eval/seen/reward/mean" in r][-1]
+    t = 12.706204736
+    summary = json.loads((sweep / "report.json").read_text())
+    for algorithm in ("ddpo", "prdp", "pxpo"):
+        a, b = last[algorithm, 0], last[algorithm, 1]
+        cell = summary["groups"][f"algorithm={algorithm}"]["seen/last"]
+        assert cell["n"] == 2 and cell["mean"] == pytest.approx((a + b) / 2, abs=1e-12)
+        assert cell["ci95"] == pytest.approx(t * abs(a - b) / 2, rel=1e-6)
+        assert f"{(a + b) / 2:.4f} ± {t * abs(a - b) / 2:.4f}" in rows_of(methods, algorithm)
+    assert summary["baseline"] == "algorithm=ddpo"
+    for algorithm in ("prdp", "pxpo"):
+        d = [last[algorithm, s] - last["ddpo", s] for s in (0, 1)]
+        diff = summary["differences"][f"algorithm={algorithm}"]["seen"]
+        assert diff["per_seed"] == pytest.approx(d, abs=1e-12) and diff["n"] == 2
+        assert diff["mean"] == pytest.approx(sum(d) / 2) and diff["ci95"] == pytest.approx(t * abs(d[0] - d[1]) / 2)
+    assert "## Paired differences to `algorithm=ddpo`" in table
+
+
+def rows_of(table: str, algorithm: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(f"| algorithm={algorithm} |"))
 
 
 def test_report_on_a_folder_without_runs_says_so(cache_dir, tmp_path):

@@ -61,6 +61,22 @@ def test_toy_small_mixes_single_and_two_object_train_prompts():
         ToyPrompts("test")
 
 
+def test_evaluation_prompts_are_fixed_and_stratified():
+    for split, pairs in (("train", 32 - len(HELD_OUT)), ("unseen", 32)):
+        prompts = ToyPrompts(split).evaluation_prompts(128)
+        assert [p.text for p in prompts] == [p.text for p in ToyPrompts(split).evaluation_prompts(128)]
+        scenes = [parse(p.text) for p in prompts]
+        assert len({p.text for p in prompts}) == 128
+        assert sum(s.relation is None for s in scenes) == 64  # half single-object, half relation prompts
+        firsts = [(s.objects[0].color, s.objects[0].shape) for s in scenes]
+        singles = [f for f, s in zip(firsts, scenes) if s.relation is None]
+        assert len(set(firsts)) == pairs  # every (colour, shape) the split has, dealt evenly:
+        assert max(singles.count(f) for f in singles) - min(singles.count(f) for f in singles) <= 1
+        assert len({s.background for s in scenes}) >= 8 and any(s.count > 1 for s in scenes)
+    small = ToyPrompts("train", limit=32)
+    assert [p.text for p in small.evaluation_prompts(128)] == [p.text for p in small]  # all of a small set
+
+
 # --------------------------------------------------------------------------- rewards
 def _scenes(n: int, seed: int) -> list[Scene]:
     rng = np.random.default_rng(seed)

@@ -311,3 +311,36 @@ class ToyPrompts(PromptDataset):
     def __getitem__(self, index: int) -> Prompt:
         scene = decode(self.codes[index])
         return Prompt(scene.text(), scene.metadata())
+
+    def evaluation_prompts(self, n: int) -> list[Prompt]:
+        """``n`` fixed prompts, stratified: half single-object and half relation prompts, each half dealt
+        in turn over the first object's (colour, shape) pairs that occur, each pair's prompts drawn without
+        replacement by a fixed generator (so sizes, layouts, relations and backgrounds vary as in the split).
+        The same every call."""
+        if n >= len(self.codes):
+            return [self[i] for i in range(len(self.codes))]
+        picks, rng = [], np.random.default_rng(0)
+        halves = (self.codes < N_SINGLE, self.codes >= N_SINGLE)
+        sizes = (n - n // 2, n // 2) if halves[0].any() and halves[1].any() else (n, 0)
+        for mask, want in zip(halves if halves[0].any() else halves[::-1], sizes):
+            index = np.nonzero(mask)[0]
+            strata = _first_object(self.codes[index])
+            keys = np.unique(strata)
+            for k, key in enumerate(keys):
+                members = index[strata == key]
+                take = want // len(keys) + (k < want % len(keys))
+                picks += rng.choice(members, min(take, len(members)), replace=False).tolist()
+        return [self[i] for i in sorted(picks)]
+
+
+def _first_object(codes: np.ndarray) -> np.ndarray:
+    """(colour, shape) of each code's first object, as one int."""
+    single = codes < N_SINGLE
+    color, shape = np.empty_like(codes), np.empty_like(codes)
+    if single.any():
+        c, s, *_ = _digits(codes[single], _SINGLE_RADIX)
+        color[single], shape[single] = c, s
+    if (~single).any():
+        c, s, *_ = _digits(codes[~single] - N_SINGLE, _RELATION_RADIX)
+        color[~single], shape[~single] = c, s
+    return color * len(SHAPES) + shape

@@ -213,6 +213,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed
         loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)  # unclipped at lr 2e-3 it diverged
         opt.step()
         loss_avg = 0.98 * loss_avg + 0.02 * loss.item() if step else loss.item()
         if step % 100 == 0 or step == steps - 1:
@@ -343,7 +344,7 @@ def pretrain(
         vae.eval()
         log_and_clock("vae: trained already (resumed)")
     else:
-        vae_loss = train_vae(vae, pixels, vae_steps, batch, 2e-3, seed, log_and_clock, work_dir)
+        vae_loss = train_vae(vae, pixels, vae_steps, batch, 1e-3, seed, log_and_clock, work_dir)
         torch.save({"vae": vae.state_dict(), "loss": vae_loss}, vae_done.with_suffix(".tmp"))
         os.replace(vae_done.with_suffix(".tmp"), vae_done)
     latents = encode_latents(vae, pixels)
