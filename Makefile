@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format bench toy-weights clean
+.PHONY: help install demo test lint format bench toy-weights toy-quality clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -38,8 +38,15 @@ format: $(STAMP) ## ruff format + autofix
 bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
 	$(BIN)/python -m rlft.bench --efficiency 24
 
-toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~25 min, 2 cores)
+toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~1.5 h on 2 cores, resumable)
 	$(BIN)/python -m rlft.toy.pretrain --out rlft/toy/weights
+
+# the commit whose rlft/toy/weights the shipped toy model is compared with
+TOY_PREVIOUS ?= 732edff
+toy-quality: $(STAMP) ## the toy model's quality per split and attribute against the previous one (same prompts, noise)
+	rm -rf outputs/toy_previous && mkdir -p outputs/toy_previous
+	git archive $(TOY_PREVIOUS) rlft/toy/weights | tar -x -C outputs/toy_previous
+	$(BIN)/python -m rlft.toy.quality outputs/toy_previous/rlft/toy/weights rlft/toy/weights --grid outputs/toy_quality.png
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -50,7 +50,6 @@ from rlft.toy.grammar import (
     RELATIONS,
     SHAPES,
     decode,
-    parse,
     split_codes,
 )
 from rlft.toy.render import BASE_SIZE, render
@@ -311,7 +310,7 @@ def pretrain(
     out: str,
     images: int = 96_000,
     vae_steps: int = 2500,
-    unet_steps: int = 12_000,
+    unet_steps: int = 8000,
     batch: int = 64,
     seed: int = 0,
     log=print,
@@ -386,56 +385,15 @@ def pretrain(
     return summary
 
 
-@torch.no_grad()
-def evaluate(path: str, prompts_per_split: int = 64, steps: int = 20, guidance: float = 5.0, seed: int = 0) -> dict:
-    """Mean toy_alignment of the model at ``path`` on fixed train and unseen prompts (one image each; half
-    one-object, half two-object prompts), and a captioned grid of 4 + 4 of each split."""
-    from rlft.loggers import captioned_grid
-    from rlft.models import DiffusionPolicy
-    from rlft.sampling import Sampler, make_scheduler
-    from rlft.toy.grammar import ToyPrompts
-    from rlft.toy.rewards import ToyAlignment
-
-    policy = DiffusionPolicy.from_pretrained(path, finetune="full")
-    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), steps, 1.0, guidance)
-    negative, reward = policy.encode_prompts([""]), ToyAlignment()
-    result, images, captions = {}, [], []
-    for split in ("train", "unseen"):
-        prompts = [p.text for p in ToyPrompts(split, limit=prompts_per_split)]  # half one-object, half two
-        traj = sampler.sample(
-            policy.unet, policy.decode, policy.encode_prompts(prompts), negative, policy.latent_shape,
-            torch.Generator().manual_seed(seed), lambda lp: lp.mean(dim=(1, 2, 3)),
-        )  # fmt: skip
-        scores = reward(traj.images, prompts, [{}] * len(prompts)).scores
-        single = torch.tensor([parse(p).relation is None for p in prompts])
-        result[split] = {
-            "all": round(scores.mean().item(), 4),
-            "single_object": round(scores[single].mean().item(), 4),
-            "two_objects": round(scores[~single].mean().item(), 4),
-        }
-        spread = lambda mask: torch.nonzero(mask).flatten()[::5][:4]  # noqa: E731 (4 of each, across colours)
-        pick = torch.cat([spread(single), spread(~single)])
-        images.append(traj.images[pick])
-        captions += [f"[{split}] {prompts[i]} | r={scores[i]:.2f}" for i in pick.tolist()]
-    result["grid"] = captioned_grid(torch.cat(images), captions, per_row=8)
-    return result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     parser.add_argument("--images", type=int, default=96_000)
     parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--unet-steps", type=int, default=12_000)
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--evaluate", metavar="PNG", help="only evaluate --out; write its sample grid to PNG")
     args = parser.parse_args()
-    if args.evaluate:
-        result = evaluate(args.out)
-        result.pop("grid").save(args.evaluate)
-        print(json.dumps(result, indent=2))
-        return
     pretrain(args.out, args.images, args.vae_steps, args.unet_steps, args.batch, args.seed)
 
 
