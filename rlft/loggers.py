@@ -206,6 +206,14 @@ def overlay_maps(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -
     return images.float() * (1 - weight) + color * weight
 
 
+def trained_maps(reward_maps: torch.Tensor, advantages: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor:
+    """What a pixel-wise algorithm trains on, per image pixel  [B, H, W]: its per-position advantages
+    (PXPO, [B, h, w], signed), upsampled to the image; the reward maps where it has none per position."""
+    if advantages is None or advantages.ndim != 3:
+        return reward_maps
+    return torch.nn.functional.interpolate(advantages[:, None].float().cpu(), size=size, mode="nearest")[:, 0]
+
+
 def captioned_grid(images: torch.Tensor, captions: Sequence[str], per_row: int = 4, cell: int = 128) -> Image.Image:
     """A grid of images (upscaled to ``cell`` pixels) with each caption written under its image."""
     n = len(images)

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
@@ -476,14 +475,10 @@ class Runner:
         self._log_samples("samples", traj.images, rollout.prompts, rollout.rewards, step=self.epoch + 1)
         k = self.cfg.trainer.log_images
         if rollout.reward_maps is not None and self.algorithm.needs_reward_maps and k > 0 and self.is_main:
-            from rlft.loggers import overlay_maps
+            from rlft.loggers import overlay_maps, trained_maps
 
-            # what the algorithm trains on: its per-position advantages where it has them (PXPO), signed,
-            # upsampled to the image; the raw reward map otherwise
-            maps = rollout.reward_maps[:k]
-            if rollout.advantages is not None and rollout.advantages.ndim == 3:
-                size = tuple(traj.images.shape[-2:])
-                maps = F.interpolate(rollout.advantages[:k, None].float().cpu(), size=size, mode="nearest")[:, 0]
+            advantages = None if rollout.advantages is None else rollout.advantages[:k]
+            maps = trained_maps(rollout.reward_maps[:k], advantages, tuple(traj.images.shape[-2:]))
             overlaid = overlay_maps(traj.images[:k].cpu(), maps)  # only what is written
             self._log_samples("reward_maps", overlaid, rollout.prompts[:k], rollout.rewards[:k], step=self.epoch + 1)
         self.epoch += 1

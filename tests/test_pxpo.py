@@ -182,3 +182,16 @@ def test_ppo_ratio_is_per_position_and_scalar_rewards_broadcast():
     PXPO(broadcast_scalar_reward=True).prepare(rollout, comm=None)
     expected = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # (r - mean_c) / std_c per prompt
     assert torch.allclose(rollout.advantages, expected[:, None, None].expand(-1, 2, 2), atol=1e-5)
+
+
+def test_logged_maps_show_the_signed_advantages_pxpo_trains_on():
+    from rlft.loggers import overlay_maps, trained_maps
+
+    reward_maps = torch.rand(2, 8, 8)  # a colour reward: positive everywhere
+    advantages = torch.tensor([[[1.0, -1.0], [0.5, 0.0]], [[-2.0, 2.0], [0.0, 0.0]]])  # [B, h, w]
+    shown = trained_maps(reward_maps, advantages, (8, 8))
+    assert shown.shape == (2, 8, 8) and torch.equal(shown[0, :4, :4], torch.ones(4, 4))
+    assert torch.equal(shown[0, :4, 4:], -torch.ones(4, 4)) and torch.equal(shown[1, 4:, :], torch.zeros(4, 8))
+    assert trained_maps(reward_maps, torch.zeros(2), (8, 8)) is reward_maps  # scalar advantages: the map
+    overlaid = overlay_maps(torch.zeros(2, 3, 8, 8), shown)
+    assert overlaid[0, 1, 0, 0] > 0 and overlaid[0, 0, 0, 7] > 0  # green where liked, red where disliked

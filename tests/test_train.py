@@ -113,6 +113,10 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     b = load_file(tmp_path / "killed" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / "killed"))
+    # the resumed run still compares its last evaluation with the first one, made before the kill
+    summary = lambda out: [line for line in out.splitlines() if line.startswith("evaluation reward on")]  # noqa: E731
+    assert summary(resumed.stdout) == summary(full.stdout) and "(epoch 0) -> " in summary(full.stdout)[0]
+    assert (tmp_path / "killed" / "before_after.png").exists()
 
     again = run_cli([*common, "run_name=killed", "resume=never"], cache_dir)
     assert again.returncode == 2 and "already holds checkpoints" in again.stderr
