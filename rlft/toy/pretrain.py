@@ -226,7 +226,7 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Posterior means, scaled by 1 / their std (written into the VAE config)  [n, 4, 8, 8]."""
+    """Posterior means, scaled by 1 / their std (written into the VAE config)  [n, 8, 8, 8]."""
     z = torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
     scale = 1.0 / z.std().item()
     vae.register_to_config(scaling_factor=scale)
