@@ -64,16 +64,21 @@ def group_means(values: Sequence[float], groups: Sequence | None = None) -> list
     return [s / c for s, c in sums.values()]
 
 
-def mean_se(values: Sequence[float], groups: Sequence | None = None) -> tuple[float, float, int]:
-    """(mean, standard error, n) over per-group means (NaN where no value; se NaN for n < 2)."""
-    m = group_means(values, groups)
-    n = len(m)
+def _mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
+    """(mean, sample std with n - 1, n); NaN where undefined (std for n < 2)."""
+    n = len(values)
     if n == 0:
         return math.nan, math.nan, 0
-    mean = sum(m) / n
+    mean = sum(values) / n
     if n < 2:
         return mean, math.nan, n
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in m) / (n - 1)) / math.sqrt(n), n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)), n
+
+
+def mean_se(values: Sequence[float], groups: Sequence | None = None) -> tuple[float, float, int]:
+    """(mean, standard error, n) over per-group means (NaN where no value; se NaN for n < 2)."""
+    mean, sd, n = _mean_sd(group_means(values, groups))
+    return mean, sd / math.sqrt(n) if n else math.nan, n
 
 
 def paired_gain(before: Sequence[float], after: Sequence[float], groups: Sequence | None = None) -> PairedGain:
@@ -89,11 +94,9 @@ def paired_gain(before: Sequence[float], after: Sequence[float], groups: Sequenc
     keys = [g for _, _, g in both]
     b_p = group_means([b for b, _, _ in both], keys)
     d = [a - b for a, b in zip(group_means([a for _, a, _ in both], keys), b_p)]
-    n = len(d)
+    mean, sd, n = _mean_sd(d)
     if n < 2:
         raise ValueError(f"need at least 2 paired groups with values, got {n}")
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1))
     unit = "prompts" if groups is not None else "images"
     return PairedGain(mean, sd / math.sqrt(n), sum(x > 0 for x in d) / n, n, unit, sum(b_p) / n)
 
@@ -103,12 +106,7 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     seed); half-width NaN for n < 2."""
     from scipy.stats import t
 
-    v = [float(x) for x in values if not math.isnan(float(x))]
-    n = len(v)
-    if n == 0:
-        return math.nan, math.nan, 0
-    mean = sum(v) / n
+    mean, sd, n = _mean_sd([float(x) for x in values if not math.isnan(float(x))])
     if n < 2:
         return mean, math.nan, n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
     return mean, float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n), n
