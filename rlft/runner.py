@@ -44,7 +44,7 @@ from rlft.evaluation import (
     side_by_side,
 )
 from rlft.models import DiffusionPolicy
-from rlft.rewards.base import Reward, RewardOutput
+from rlft.rewards.base import Reward, RewardOutput, to_uint8
 from rlft.sampling import Sampler, Trajectory, make_scheduler
 from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
 
@@ -496,7 +496,7 @@ class Runner:
         """Reward and its sub-scores on fixed prompts of every evaluation set with fixed noise (comparable
         across epochs and runs; rlft/evaluation.py lists the metrics), and ``eval/reward/mean``, the sets' mean."""
         out: dict[str, float] = {"epoch": self.epoch}
-        self.eval_results: dict[str, EvalResult] = {}
+        self.eval_results = {}
         for name, dataset in self.eval_datasets.items():
             result = self._evaluate_on(name, dataset)
             self.eval_results[name] = result
@@ -532,13 +532,14 @@ class Runner:
             traj, rewards, _ = self._sample([prompts[i] for i in mine], keys, f"evaluating on {name}")
             local["scores"] = rewards.scores.tolist()
             local["parts"] = {k: v.tolist() for k, v in rewards.parts.items()}
-            pixels = (traj.images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            local["showcase"] = [(i, pixels[j]) for j, i in enumerate(mine) if i in showcase]
+            shown = set(showcase)
+            local["showcase"] = [(i, to_uint8(traj.images[j]).cpu()) for j, i in enumerate(mine) if i in shown]
         gathered = _Comm(self.accelerator).gather_object([local])
         order = [i for g in gathered for i in g["index"]]
         rank_of = sorted(range(len(order)), key=order.__getitem__)  # gathered position of image i
         scores = [s for g in gathered for s in g["scores"]]
-        parts = {k: [v for g in gathered for v in g["parts"][k]] for k in gathered[0]["parts"]}
+        names = next((g["parts"] for g in gathered if g["scores"]), {})  # a process may hold no image
+        parts = {k: [v for g in gathered for v in g["parts"][k]] for k in names}
         pictures = dict(item for g in gathered for item in g["showcase"])
         return EvalResult(
             epoch=self.epoch,
