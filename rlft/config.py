@@ -64,6 +64,10 @@ class TrainerConfig:
     fixed_sample_noise: bool = False  # every epoch samples from epoch 1's noise (the image a feedback map judges)
     train_batch_size: int = 4  # per process: samples per gradient micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    # denoising steps of a micro-batch that go through the UNet in one call while training and in the
+    # reference pass: 1 as the reference codes; k multiplies the call's batch and activations by k (the
+    # same gradient up to summation order), faster for a small model (conf/tuning/toy_*.yaml)
+    timesteps_per_forward: int = 1
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16 (log-probs are always computed in fp32)
     allow_tf32: bool = True
@@ -296,7 +300,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("sampler.guidance_scale", f"must be >= 1.0, got {s.guidance_scale}")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("trainer.mixed_precision", f"'{t.mixed_precision}' is not one of no, fp16, bf16")
-    for key in ("epochs", "prompts_per_epoch", "images_per_prompt", "train_batch_size", "gradient_accumulation_steps"):
+    keys = ("epochs", "prompts_per_epoch", "images_per_prompt", "train_batch_size", "gradient_accumulation_steps")
+    for key in (*keys, "timesteps_per_forward"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}", f"must be >= 1, got {t[key]}")
     if not cfg.resume or not str(cfg.resume).strip():

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from rlft.algorithms.base import Algorithm, Rollout
+from rlft.algorithms.base import Algorithm, Rollout, step_chunks
 from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
 from rlft.errors import ConfigError, RewardError, RlftError
@@ -171,22 +171,13 @@ class _Learner:
         self.generator = seeded_generator(runner.cfg.seed, TRAIN, runner.epoch, runner.accelerator.process_index)
         self.train_batch_size = runner.plan.train_batch_size
         self.gradient_accumulation_steps = runner.plan.gradient_accumulation_steps
+        self.timesteps_per_forward = runner.cfg.trainer.timesteps_per_forward
 
     def sample_generator(self, *key: int) -> torch.Generator:
         return seeded_generator(self.r.cfg.seed, TRAIN_SAMPLE, self.r.epoch, *key)
 
     def log_prob(self, rollout: Rollout, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        r, traj = self.r, rollout.trajectory
-        with r.accelerator.autocast():
-            log_prob = r.sampler.log_prob(
-                r.unet,
-                traj.latents[index, step],
-                traj.latents[index, step + 1],
-                traj.timesteps[step].to(r.device),
-                traj.prompt_embeds[index],
-                r.negative_embeds,
-            )
-        return r.algorithm.reduce_log_prob(log_prob)
+        return self.r.step_log_prob(self.r.unet, rollout.trajectory, index, step)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         acc = self.r.accelerator
@@ -374,26 +365,34 @@ class Runner:
         rewards = RewardOutput.cat([f.result() for f in futures])
         return _cat_trajectories(trajectories), rewards, time.perf_counter() - t0
 
+    def step_log_prob(self, unet, traj: Trajectory, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """reduce(log pi(x_{j+1} | x_j, c)) under ``unet`` of samples ``index`` at steps ``step``  [b, ...]"""
+        with self.accelerator.autocast():
+            log_prob = self.sampler.log_prob(
+                unet,
+                traj.latents[index, step],
+                traj.latents[index, step + 1],
+                traj.timesteps[step].to(self.device),
+                traj.prompt_embeds[index],
+                self.negative_embeds,
+            )
+        return self.algorithm.reduce_log_prob(log_prob)
+
     @torch.no_grad()
     def _reference_log_probs(self, traj: Trajectory) -> torch.Tensor:
-        """reduce(log pi_ref(x_{j+1} | x_j, c)) for every step of every sample  [B, S, ...]."""
+        """reduce(log pi_ref(x_{j+1} | x_j, c)) for every step of every sample  [B, S, ...], in calls of
+        sampler.batch_size samples x trainer.timesteps_per_forward steps."""
+        S, k = len(traj.timesteps), self.cfg.trainer.timesteps_per_forward
         out = []
         with self.policy.reference(self.unet) as ref_unet:
             for start in range(0, traj.batch_size, self.plan.sample_batch_size):
-                rows = slice(start, start + self.plan.sample_batch_size)
-                per_step = []
-                for j, t in enumerate(traj.timesteps):
-                    with self.accelerator.autocast():
-                        lp = self.sampler.log_prob(
-                            ref_unet,
-                            traj.latents[rows, j],
-                            traj.latents[rows, j + 1],
-                            t.to(self.device),
-                            traj.prompt_embeds[rows],
-                            self.negative_embeds,
-                        )
-                    per_step.append(self.algorithm.reduce_log_prob(lp))
-                out.append(torch.stack(per_step, dim=1))
+                rows = torch.arange(start, min(start + self.plan.sample_batch_size, traj.batch_size))
+                per_chunk = []
+                for chunk in step_chunks(S, k):
+                    step = torch.arange(S)[chunk].expand(len(rows), -1)  # [b, k]
+                    lp = self.step_log_prob(ref_unet, traj, rows.repeat_interleave(step.shape[1]), step.flatten())
+                    per_chunk.append(lp.view(*step.shape, *lp.shape[1:]))
+                out.append(torch.cat(per_chunk, dim=1))
         return torch.cat(out)
 
     def _handle_nan(self, rollout: Rollout, rewards: RewardOutput) -> bool:
@@ -496,6 +495,7 @@ class Runner:
         """Reward and its sub-scores on fixed prompts of every evaluation set with fixed noise (comparable
         across epochs and runs; rlft/evaluation.py lists the metrics), and ``eval/reward/mean``, the sets' mean."""
         out: dict[str, float] = {"epoch": self.epoch}
+        t0 = time.perf_counter()
         self.eval_results = {}
         for name, dataset in self.eval_datasets.items():
             result = self._evaluate_on(name, dataset)
@@ -510,6 +510,7 @@ class Runner:
             out.update(result.metrics(name))
         means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
         out["eval/reward/mean"] = sum(means) / len(means)
+        out["perf/eval_s"] = time.perf_counter() - t0
         if self.first_eval is None:
             self.first_eval = self.eval_results
             if self.is_main:

@@ -37,8 +37,9 @@ class SingleProcessComm:
 class SGDContext:
     """TrainContext over a real UNet: records each optimizer step's gradient, then takes a plain SGD step."""
 
-    def __init__(self, unet, sampler, negative, tbs, accum, lr):
+    def __init__(self, unet, sampler, negative, tbs, accum, lr, timesteps_per_forward=1):
         self.unet, self.sampler, self.negative = unet, sampler, negative
+        self.timesteps_per_forward = timesteps_per_forward
         self.generator = torch.Generator().manual_seed(0)
         self.train_batch_size, self.gradient_accumulation_steps = tbs, accum
         self.lr = lr

@@ -67,6 +67,8 @@ def test_stat_tracker_bounds_prompts_and_round_trips():
 class _RecordingContext:
     """A TrainContext whose 'policy' is a parameter per (sample, step): records the schedule."""
 
+    timesteps_per_forward = 1
+
     def __init__(self, B, S, tbs, accum):
         self.theta = torch.zeros(B, S, dtype=torch.float64, requires_grad=True)
         self.generator = torch.Generator().manual_seed(0)

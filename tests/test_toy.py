@@ -115,6 +115,22 @@ def test_alignment_map_sums_to_the_score_and_an_empty_canvas_scores_the_backgrou
     assert swapped.scores.item() < 0.6  # the same two objects, the wrong way round
 
 
+def test_agree_map_weighs_every_pixel_alike_and_keeps_the_score():
+    """pixel_map=agree: the map is each pixel's agreement / (H W) (0 or 1/1024 at 32x32), summing to
+    plain pixel accuracy; the score is the balanced r of pixel_map=balanced."""
+    texts = ["a red circle left of a blue square on a gray background", "a large green cross"]
+    images = render_batch([parse(t) for t in texts], seed=2)
+    images[0, :, :8, :8] = 1.0  # a white patch: background pixels that disagree
+    balanced, agree = ToyAlignment()(images, texts, [{}, {}]), ToyAlignment(pixel_map="agree")(images, texts, [{}, {}])
+    assert torch.equal(agree.scores, balanced.scores)
+    values = set(agree.maps.unique().tolist())
+    assert values == {0.0, 1 / 1024}
+    assert (agree.maps[0, :8, :8] == 0).all() and agree.maps[0].sum() < agree.maps[1].sum() <= 1.0
+    assert agree.maps[0].sum() == pytest.approx((agree.maps[0] > 0).float().mean().item())
+    with pytest.raises(ConfigError, match="reward.pixel_map"):
+        ToyAlignment(pixel_map="weighted")
+
+
 def test_sub_scores_are_one_on_the_renderers_images():
     prompts = [*ToyPrompts("train", limit=64), *ToyPrompts("unseen", limit=32)]  # half single-object
     scenes = [parse(p.text) for p in prompts]

@@ -10,7 +10,8 @@ One epoch, as the runner executes it:
     PREPARE    ``algorithm.prepare(rollout, comm)``: advantages / pairs (may
                gather across processes: all processes call it)
     TRAINING   ``algorithm.update(rollout, ctx)``: the paper's update, written
-               out with ``ctx.log_prob``, ``ctx.backward`` and ``ctx.step``
+               out with ``ctx.log_prob`` (``step_log_probs`` for several steps
+               at once), ``ctx.backward`` and ``ctx.step``
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class TrainContext(Protocol):
     generator: torch.Generator  # CPU, seeded per (seed, epoch, process): the order of this process's samples
     train_batch_size: int  # per process
     gradient_accumulation_steps: int
+    timesteps_per_forward: int  # denoising steps of a micro-batch stacked into one UNet call (``step_log_probs``)
 
     def sample_generator(self, *key: int) -> torch.Generator:
         """A CPU generator seeded by (seed, epoch, *key), e.g. (inner epoch, sample index): a draw made
@@ -92,6 +94,22 @@ class TrainContext(Protocol):
     def step(self) -> float:
         """Clip the gradient norm, optimizer.step(), zero_grad(); returns the pre-clip norm."""
         ...
+
+
+def step_log_probs(ctx: TrainContext, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
+    """``ctx.log_prob`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...].
+
+    Row i of ``steps`` holds sample i's steps. Stacking k steps multiplies the UNet batch, and its
+    activations, by k; a loss summed over them has the gradient of k one-step calls, up to summation order.
+    """
+    b, k = steps.shape
+    log_prob = ctx.log_prob(rollout, index.repeat_interleave(k), steps.flatten())
+    return log_prob.view(b, k, *log_prob.shape[1:])
+
+
+def step_chunks(num_steps: int, size: int) -> list[slice]:
+    """Consecutive slices of ``range(num_steps)`` of at most ``size`` steps (the last may be shorter)."""
+    return [slice(j, min(j + size, num_steps)) for j in range(0, num_steps, size)]
 
 
 class Algorithm:

@@ -23,6 +23,9 @@ own generator, so that batch sizes and processes do not change it), the trainabl
 steps, keeps the first ``int(timestep_fraction * S)`` of them, and accumulates
 gradients over those steps and over ``gradient_accumulation_steps``
 micro-batches of ``train_batch_size`` samples before one optimizer step.
+``trainer.timesteps_per_forward`` = k stacks k of a micro-batch's steps into one
+UNet call and one backward of their summed loss (the same gradient, k times the
+activations).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, mean_metrics
+from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, mean_metrics, step_chunks, step_log_probs
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
 from rlft.sampling import compute_dtype
@@ -132,28 +135,33 @@ class DDPO(Algorithm):
                     for i in rollout.sample_ids
                 ]
             )
+            chunks = step_chunks(num_train_steps, ctx.timesteps_per_forward)
             for m in range(num_micro):
                 index = perm[m * tbs : (m + 1) * tbs]  # [b]
                 boundary = (m + 1) % accum == 0
-                for j in range(num_train_steps):
-                    step = step_order[index, j]  # [b]
-                    log_prob = ctx.log_prob(rollout, index, step)  # [b]
-                    old_log_prob = rollout.log_probs[index, step].to(log_prob.device)
-                    adv = advantages[index].to(log_prob.device)
+                for c, chunk in enumerate(chunks):
+                    step = step_order[index, chunk]  # [b, k]
+                    log_prob = step_log_probs(ctx, rollout, index, step)  # [b, k, ...]
+                    old_log_prob = rollout.log_probs[index[:, None], step].to(log_prob.device)
+                    adv = advantages[index].unsqueeze(1).to(log_prob.device)  # [b, 1, ...]
                     if self.estimator == "ppo":
-                        loss = self.per_sample(ppo_clip_loss(adv, log_prob, old_log_prob, self.clip_range)).mean()
+                        elementwise = ppo_clip_loss(adv, log_prob, old_log_prob, self.clip_range)
                     else:
-                        loss = self.per_sample(-adv * log_prob).mean()
-                    ctx.backward(loss / (num_train_steps * accum), sync=boundary and j == num_train_steps - 1)
+                        elementwise = -adv * log_prob
+                    loss = self.per_sample(elementwise.flatten(0, 1)).view(step.shape).mean(dim=0)  # per step  [k]
+                    ctx.backward(loss.sum() / (num_train_steps * accum), sync=boundary and c == len(chunks) - 1)
                     with torch.no_grad():
                         ratio = torch.exp(log_prob - old_log_prob)
-                        diagnostics.append(
-                            {
-                                "train/loss": float(loss),
-                                "train/approx_kl": float(0.5 * ((log_prob - old_log_prob) ** 2).mean()),
-                                "train/clipfrac": float(((ratio - 1.0).abs() > self.clip_range).float().mean()),
-                            }
-                        )
+                        for j in range(step.shape[1]):
+                            diagnostics.append(
+                                {
+                                    "train/loss": float(loss[j]),
+                                    "train/approx_kl": float(0.5 * ((log_prob[:, j] - old_log_prob[:, j]) ** 2).mean()),
+                                    "train/clipfrac": float(
+                                        ((ratio[:, j] - 1.0).abs() > self.clip_range).float().mean()
+                                    ),
+                                }
+                            )
                 if boundary:
                     diagnostics[-1]["train/grad_norm"] = ctx.step()
         out = mean_metrics([{k: v for k, v in d.items() if k != "train/grad_norm"} for d in diagnostics])

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext
+from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, step_chunks, step_log_probs
 from rlft.errors import ConfigError
 from rlft.sampling import compute_dtype
 
@@ -222,12 +222,14 @@ class PRDP(Algorithm):
                     self.aggregation,
                 )  # fmt: skip
                 # pass 2: backpropagate sum_{i,t} w_{i,t} log pi_theta(i, t), one step and micro-batch at a time
+                chunks = step_chunks(len(steps), ctx.timesteps_per_forward)
                 for m in range(0, len(index), tbs):
                     micro = torch.arange(m, min(m + tbs, len(index)))
-                    for j, step in enumerate(steps):
-                        log_prob = ctx.log_prob(rollout, index[micro], step.expand(len(micro)))  # [b]
-                        surrogate = (w[micro, j].to(log_prob) * log_prob).sum()
-                        last = m + tbs >= len(index) and j == len(steps) - 1
+                    for c, chunk in enumerate(chunks):
+                        step = steps[chunk].expand(len(micro), -1)  # [b, k]
+                        log_prob = step_log_probs(ctx, rollout, index[micro], step)  # [b, k]
+                        surrogate = (w[micro, chunk].to(log_prob) * log_prob).sum()
+                        last = m + tbs >= len(index) and c == len(chunks) - 1
                         ctx.backward(surrogate, sync=last)  # DDP averages the processes' prompt means
                 diag["train/grad_norm"] = ctx.step()
                 diag["perf/prdp_values_s"], diag["perf/prdp_backward_s"] = t1 - t0, time.perf_counter() - t1
@@ -245,6 +247,7 @@ class PRDP(Algorithm):
         out = torch.empty(len(index), len(steps), dtype=compute_dtype(rollout.log_probs))
         for m in range(0, len(index), ctx.train_batch_size):
             micro = index[m : m + ctx.train_batch_size]
-            for j, step in enumerate(steps):
-                out[m : m + len(micro), j] = ctx.log_prob(rollout, micro, step.expand(len(micro))).to(out)
+            for chunk in step_chunks(len(steps), ctx.timesteps_per_forward):
+                step = steps[chunk].expand(len(micro), -1)  # [b, k]
+                out[m : m + len(micro), chunk] = step_log_probs(ctx, rollout, micro, step).to(out)
         return out

@@ -18,7 +18,12 @@ toy_alignment  (scalar in [0, 1], plus a per-pixel map that sums to it)
     extra objects and a wrong background all cost. The renderer's own image of
     the prompt scores ~1; an empty canvas of the right background scores w_bg
     (1/3 by default). The map holds each pixel's term (weight x agree) so that
-    map.sum() == r, which is PXPO's "image reward = sum of its pixel rewards".
+    map.sum() == r, which is PXPO's "image reward = sum of its pixel rewards"
+    (``pixel_map=balanced``). The weights depend on the ideal scene fitted to
+    each image, so one position weighs differently in two images of a prompt;
+    ``pixel_map=agree`` gives PXPO the agreement itself, agree_ij / (H W), one
+    weight for every pixel of every image (the map then sums to plain pixel
+    accuracy; the score stays r).
 
     Sub-scores (metrics only, each in [0, 1]; NaN where the prompt does not name
     the attribute) say *what* an image gets right. An object is *found* when a
@@ -264,11 +269,14 @@ class ToyAlignment(Reward):
     name = "toy_alignment"
     gives_maps = True
 
-    def __init__(self, background_weight: float = 1 / 3, color_tolerance: float = 0.3):
+    def __init__(self, background_weight: float = 1 / 3, color_tolerance: float = 0.3, pixel_map: str = "balanced"):
         if not 0.0 <= background_weight <= 1.0:
             raise ValueError(f"background_weight must lie in [0, 1], got {background_weight}")
+        if pixel_map not in ("balanced", "agree"):
+            raise ConfigError("reward.pixel_map", f"'{pixel_map}' is not one of balanced, agree")
         self.background_weight = background_weight
         self.color_tolerance = color_tolerance
+        self.pixel_map = pixel_map
 
     def check_prompts(self, prompts: Sequence[str], key: str = "dataset") -> None:
         for p in prompts:
@@ -276,23 +284,28 @@ class ToyAlignment(Reward):
 
     def score(self, images, prompts, metadata) -> RewardOutput:
         labels = classify(images, self.color_tolerance).numpy()  # [B, H, W]
-        maps, parts = [], []
+        scores, maps, parts = [], [], []
         for lab, prompt in zip(labels, prompts):
             scene = _scene(prompt)
             regions = color_regions(lab, scene)
-            maps.append(self.pixel_terms(lab, scene, regions))
+            weight, agree = self.pixel_terms(lab, scene, regions)
+            scores.append(float((weight * agree).sum()))
+            maps.append(weight * agree if self.pixel_map == "balanced" else agree / agree.size)
             parts.append(sub_scores(lab, scene, regions))
-        maps = torch.from_numpy(np.stack(maps))  # [B, H, W]
+        maps = torch.from_numpy(np.stack(maps).astype(np.float32))  # [B, H, W]
         parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in PARTS}
-        return RewardOutput(maps.sum(dim=(1, 2)), maps, parts=parts)
+        return RewardOutput(torch.tensor(scores, dtype=torch.float32), maps, parts=parts)
 
-    def pixel_terms(self, labels: np.ndarray, scene: Scene, regions: dict | None = None) -> np.ndarray:
-        """weight x agree per pixel  [H, W] float32 (sums to the reward)."""
+    def pixel_terms(
+        self, labels: np.ndarray, scene: Scene, regions: dict | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each pixel's weight and its agreement with the ideal scene  [H, W] float32 each;
+        sum(weight x agree) is the reward."""
         size = labels.shape[0]
         ideal = np.full_like(labels, PALETTE_NAMES.index(scene.background_color))
         for p in ideal_scene(labels, scene, regions):
             ideal[shape_mask(p.shape, p.cx, p.cy, p.r, size)] = PALETTE_NAMES.index(p.color)
-        agree = labels == ideal
+        agree = (labels == ideal).astype(np.float32)
         weight = np.zeros(labels.shape, dtype=np.float32)
         background = ideal == PALETTE_NAMES.index(scene.background_color)
         weight[background] = self.background_weight / max(background.sum(), 1)
@@ -300,7 +313,7 @@ class ToyAlignment(Reward):
         for color in colors:
             mine = ideal == PALETTE_NAMES.index(color)
             weight[mine] = (1 - self.background_weight) / (len(colors) * max(mine.sum(), 1))
-        return weight * agree
+        return weight, agree
 
 
 class ToyColor(ColorTarget):
