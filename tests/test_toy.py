@@ -306,20 +306,25 @@ def test_ddpo_on_toy_small_end_to_end(cache_dir, tmp_path):
     assert "sub-scores on seen" in result.stdout and (tmp_path / "toy" / "before_after.png").exists()
 
 
-def test_default_demo_raises_the_reward_on_most_seen_prompts(cache_dir, tmp_path):
-    """`python -m rlft` (`make demo`) is PXPO's colour feedback on the toy world. The whole default run,
-    evaluated at its first and last epoch on toy_small's 32 prompts x 2 seeds: the paired gain over
-    prompts exceeds 3 standard errors and more than half of the prompts improved (measured: DEMO_SEEN)."""
+def test_prdp_default_demo_end_to_end(cache_dir, tmp_path):
+    """`python -m rlft` is PRDP on the toy world: a short fixed-seed run of it with the default evaluation
+    (toy_small's 32 prompts and 128 stratified unseen prompts, x 2 seeds), every epoch's pairs used.
+
+    No gain is asserted, because none is resolved: the whole 24-epoch default run moves eval/seen by
+    -0.0013 +- 0.0136 and eval/unseen by +0.0000 +- 0.0071 (paired standard errors over prompts)."""
     result = run_cli(
-        [f"paths.output_root={tmp_path}", "run_name=demo", "~dataset@eval_datasets.unseen", "trainer.eval_every=36"],
-        cache_dir,
+        [f"paths.output_root={tmp_path}", "run_name=toy", "trainer.epochs=6", "trainer.eval_every=6"], cache_dir
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "demo"
+    run = tmp_path / "toy"
     evals = [r for r in read_metrics(run) if "eval/reward/mean" in r]
-    assert [r["epoch"] for r in evals] == [0, 36]
-    gain = eval_gain(run, "seen", 0, 36)
-    before, after = (r["eval/seen/reward/mean"] for r in evals)
-    assert gain.n == 32 and abs(gain.gain - (after - before)) < 1e-5, (gain, before, after)
-    assert str(gain) in result.stdout and (run / "before_after.png").exists()
-    assert gain.gain > 3 * gain.se and gain.improved > 0.5, gain
+    assert [r["epoch"] for r in evals] == [0, 6]
+    for name, prompts in (("seen", 32), ("unseen", 128)):
+        gain = eval_gain(run, name, 0, 6)
+        before, after = (r[f"eval/{name}/reward/mean"] for r in evals)
+        assert gain.n == prompts and abs(gain.gain - (after - before)) < 1e-5, (name, gain, before, after)
+        assert f"evaluation reward on {name} " in result.stdout and str(gain) in result.stdout
+        assert f"sub-scores on {name}" in result.stdout
+    assert (run / "before_after.png").exists() and (run / "eval" / "first.pt").exists()
+    train = [r for r in read_metrics(run) if "train/prdp_pairs" in r]
+    assert len(train) == 6 and all(r["train/prdp_pairs"] > 0 for r in train)
