@@ -272,6 +272,40 @@ def validate_component(group: str, node: DictConfig) -> None:
             raise ConfigError(f"{group}.{key}", f"'{value}' is not one of {list(allowed)}")
 
 
+def _number(node, key: str):
+    value = node.get(key)
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _validate_optimizer(node) -> None:
+    """Ranges of the optimizer values every torch optimizer shares (lr, weight decay, eps, betas)."""
+    if node is None:
+        return
+    lr, decay, eps = _number(node, "lr"), _number(node, "weight_decay"), _number(node, "eps")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError("optimizer.lr", f"must be a finite number > 0, got {lr}")
+    if decay is not None and not (math.isfinite(decay) and decay >= 0):
+        raise ConfigError("optimizer.weight_decay", f"must be a finite number >= 0, got {decay}")
+    if eps is not None and not eps > 0:
+        raise ConfigError("optimizer.eps", f"must be > 0, got {eps}")
+    betas = node.get("betas")
+    if betas is not None and not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ConfigError("optimizer.betas", f"must be two numbers in [0, 1), got {list(betas)}")
+
+
+def _validate_model(node) -> None:
+    """LoRA's rank and alpha (when the model trains a LoRA adapter)."""
+    if node is None or node.get("finetune") != "lora":
+        return
+    rank, alpha = _number(node, "lora_rank"), _number(node, "lora_alpha")
+    if rank is not None and rank < 1:
+        raise ConfigError(
+            "model.lora_rank", f"must be >= 1, got {rank}", "or train the whole UNet: model.finetune=full"
+        )
+    if alpha is not None and not alpha > 0:
+        raise ConfigError("model.lora_alpha", f"must be > 0, got {alpha}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Start-up checks over the whole config (types, keys, values that cannot work)."""
     for group in COMPONENT_GROUPS:
@@ -288,8 +322,14 @@ def validate(cfg: DictConfig) -> None:
     s, t = cfg.sampler, cfg.trainer
     if s.scheduler not in ("ddim", "ddpm"):
         raise ConfigError("sampler.scheduler", f"'{s.scheduler}' is not one of ['ddim', 'ddpm']")
-    if s.num_steps < 1:
-        raise ConfigError("sampler.num_steps", f"must be >= 1, got {s.num_steps}")
+    if s.num_steps < 2:
+        raise ConfigError(
+            "sampler.num_steps",
+            f"must be >= 2, got {s.num_steps}",
+            "the last step of a DDIM or DDPM chain adds no noise, so a one-step chain has nothing to train",
+        )
+    if s.batch_size < 1:
+        raise ConfigError("sampler.batch_size", f"must be >= 1, got {s.batch_size}")
     if s.scheduler == "ddim" and not (0.0 < s.eta <= 1.0):
         raise ConfigError(
             "sampler.eta",
@@ -304,5 +344,21 @@ def validate(cfg: DictConfig) -> None:
     for key in (*keys, "timesteps_per_forward"):
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}", f"must be >= 1, got {t[key]}")
+    for key in ("eval_every", "checkpoint_every", "log_images", "eval_seed"):
+        if t[key] < 0:
+            raise ConfigError(f"trainer.{key}", f"must be >= 0, got {t[key]}")
+    for key in ("eval_num_prompts", "eval_images_per_prompt", "keep_checkpoints"):
+        if t[key] < 1:
+            raise ConfigError(f"trainer.{key}", f"must be >= 1, got {t[key]}")
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm > 0):
+        raise ConfigError(
+            "trainer.max_grad_norm",
+            f"must be a finite number > 0, got {t.max_grad_norm}",
+            "gradients are clipped to this norm (1.0 in DDPO and PRDP); a negative value would reverse them",
+        )
+    if not 0 <= cfg.seed < 2**63:
+        raise ConfigError("seed", f"must be an integer in [0, 2^63), got {cfg.seed}")
+    _validate_optimizer(cfg.get("optimizer"))
+    _validate_model(cfg.get("model"))
     if not cfg.resume or not str(cfg.resume).strip():
         raise ConfigError("resume", "is empty", "use auto, never or a checkpoint directory")

@@ -38,8 +38,9 @@ class LocalLogger:
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         path = self.run_dir / "metrics.jsonl"
         if resume_epoch is not None and path.exists():
-            # drop what a killed run logged after its last checkpoint: the resumed run redoes it
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("epoch", 0) <= resume_epoch]
+            # drop what a killed run logged after its last checkpoint (the resumed run redoes it), and a
+            # last line that a kill cut short
+            kept = [line for line in _json_lines(path) if json.loads(line).get("epoch", 0) <= resume_epoch]
             path.write_text("".join(line + "\n" for line in kept))
         elif path.exists():
             path.unlink()
@@ -70,6 +71,18 @@ class LocalLogger:
 
     def finish(self) -> None:
         pass
+
+
+def _json_lines(path: Path) -> list[str]:
+    """The lines of a .jsonl file that parse as JSON objects (a killed writer can leave a partial one)."""
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if isinstance(json.loads(line), dict):
+                lines.append(line)
+        except json.JSONDecodeError:
+            continue
+    return lines
 
 
 class WandbLogger(LocalLogger):

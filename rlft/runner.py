@@ -26,10 +26,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from rlft import checkpoint as ckpt
 from rlft.algorithms.base import Algorithm, Rollout, step_chunks
+from rlft.checkpoint import COMPLETE_MARKER, CheckpointError
 from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
 from rlft.errors import ConfigError, RewardError, RlftError
@@ -48,8 +49,6 @@ from rlft.rewards.base import Reward, RewardOutput, to_uint8
 from rlft.sampling import Sampler, Trajectory, make_scheduler
 from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
 
-TRAINABLE_FILE = "trainable.safetensors"
-COMPLETE_MARKER = "run_state.json"
 RESUME_IGNORED_KEYS = (
     "resume",
     "trainer.epochs",
@@ -241,9 +240,7 @@ class Runner:
         self.params = self.policy.trainable_parameters()
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
-        self.accelerator.register_save_state_pre_hook(self._save_trainable)
-        self.accelerator.register_load_state_pre_hook(self._load_trainable)
-        self.accelerator.register_for_checkpointing(_RunState(self))
+        self.run_state = _RunState(self)
         # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
         # (two OpenMP thread teams on one set of cores halve the sampler's speed), so they run inline
         overlap = t.async_reward and self.device.type != "cpu"
@@ -252,46 +249,64 @@ class Runner:
         self.first_eval: dict[str, EvalResult] | None = None  # the run's first evaluation (rlft/evaluation.py)
         self.eval_results: dict[str, EvalResult] = {}  # the latest one
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save_trainable(self, models, weights, output_dir) -> None:
-        if self.is_main:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict(self.unet).items()}
-            save_file(state, str(Path(output_dir) / TRAINABLE_FILE))
-        weights.clear()  # the adapter (or UNet) is saved above, not as a full model state
-
-    def _load_trainable(self, models, input_dir) -> None:
-        self.policy.load_trainable_state_dict(self.unet, load_file(str(Path(input_dir) / TRAINABLE_FILE)))
-        models.clear()
-
+    # ------------------------------------------------------------------ checkpoints (rlft/checkpoint.py)
     @property
     def checkpoint_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def complete_checkpoints(self) -> list[Path]:
+        """This run's complete checkpoints, oldest first."""
+        return sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
+
     def latest_checkpoint(self) -> Path | None:
-        done = sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
+        done = self.complete_checkpoints()
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/epoch_NNNNN`` (main process) through a ``.tmp`` directory renamed when
+        complete, then keep the newest ``trainer.keep_checkpoints``."""
         final = self.checkpoint_root / f"epoch_{self.epoch:05d}"
         tmp = final.with_name(final.name + ".tmp")
+        self.accelerator.wait_for_everyone()
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            config = OmegaConf.to_container(self.cfg, resolve=True)
-            (tmp / COMPLETE_MARKER).write_text(json.dumps({"epoch": self.epoch, "config": config}, indent=1))
+            tmp.mkdir(parents=True)
+            trainable = {
+                k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict(self.unet).items()
+            }
+            scaler = self.accelerator.scaler
+            meta = {
+                "epoch": self.epoch,
+                "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "state": self.run_state.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            }
+            ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            kept = sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
-            for old in kept[: -max(1, self.cfg.trainer.keep_checkpoints)]:
+            for old in self.complete_checkpoints()[: -max(1, self.cfg.trainer.keep_checkpoints)]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return final
 
+    def load_checkpoint(self, checkpoint: Path) -> None:
+        """Weights, optimizer, scaler and run state from ``checkpoint`` (CheckpointError if damaged)."""
+        marker, trainable, optimizer = ckpt.read(checkpoint)
+        self._check_same_config(checkpoint, marker)
+        try:
+            self.policy.load_trainable_state_dict(self.unet, trainable)
+            self.optimizer.load_state_dict(optimizer)
+            if self.accelerator.scaler is not None and marker.get("scaler"):
+                self.accelerator.scaler.load_state_dict(marker["scaler"])
+            self.run_state.load_state_dict(marker["state"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise CheckpointError(f"{checkpoint} does not fit this run ({type(e).__name__}: {e})") from None
+
     def resume_from(self) -> Path | None:
-        """The checkpoint to continue from, per ``resume`` (auto | never | <dir>)."""
+        """Load the checkpoint to continue from, per ``resume`` (auto | never | <dir>); returns it.
+
+        auto: the newest complete checkpoint; one that cannot be read is skipped with one line and
+        the one before it is used."""
         mode = str(self.cfg.resume)
         latest = self.latest_checkpoint()
         if mode == "never":
@@ -302,7 +317,18 @@ class Runner:
                 )
             return None
         if mode == "auto":
-            return latest
+            for candidate in reversed(self.complete_checkpoints()):
+                try:
+                    self.load_checkpoint(candidate)
+                    return candidate
+                except CheckpointError as e:
+                    self._print(f"rlft: warning: skipping damaged checkpoint {candidate.name}: {e}")
+            if latest is not None:
+                raise RlftError(
+                    f"no checkpoint in {self.checkpoint_root} can be read (see the warnings above); "
+                    "start again with resume=never and a new run_name=..."
+                )
+            return None
         path = Path(mode).expanduser()
         if not (path / COMPLETE_MARKER).exists():
             raise ConfigError(
@@ -310,10 +336,11 @@ class Runner:
                 f"'{mode}' is not a complete checkpoint directory",
                 f"use auto, never, or a directory holding {COMPLETE_MARKER}",
             )
+        self.load_checkpoint(path)
         return path
 
-    def _check_same_config(self, checkpoint: Path) -> None:
-        saved = OmegaConf.create(json.loads((checkpoint / COMPLETE_MARKER).read_text())["config"])
+    def _check_same_config(self, checkpoint: Path, marker: dict) -> None:
+        saved = OmegaConf.create(marker["config"])
         now = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
         diffs = _config_diff(saved, now)
         diffs = [d for d in diffs if not d.startswith(RESUME_IGNORED_KEYS)]
@@ -556,8 +583,6 @@ class Runner:
         cfg, t = self.cfg, self.cfg.trainer
         checkpoint = self.resume_from()
         if checkpoint is not None:
-            self._check_same_config(checkpoint)
-            self.accelerator.load_state(str(checkpoint))
             self._print(f"resumed from {checkpoint} (epoch {self.epoch})")
         resumed_epoch = self.epoch if checkpoint is not None else None
         if self.is_main:

@@ -70,6 +70,56 @@ def test_validate_names_unknown_and_mistyped_keys():
         validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
 
 
+BAD_VALUES = [  # (override, the key the message names): ranges, checked before anything loads
+    ("trainer.max_grad_norm=-1", "trainer.max_grad_norm"),
+    ("trainer.max_grad_norm=0", "trainer.max_grad_norm"),
+    ("sampler.batch_size=0", "sampler.batch_size"),
+    ("sampler.batch_size=-4", "sampler.batch_size"),
+    ("sampler.num_steps=1", "sampler.num_steps"),
+    ("optimizer.lr=-1e-4", "optimizer.lr"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.weight_decay=-0.1", "optimizer.weight_decay"),
+    ("optimizer.eps=0", "optimizer.eps"),
+    ("optimizer.betas=[0.9,1.5]", "optimizer.betas"),
+    ("seed=-1", "seed"),
+    ("trainer.eval_every=-1", "trainer.eval_every"),
+    ("trainer.checkpoint_every=-2", "trainer.checkpoint_every"),
+    ("trainer.keep_checkpoints=0", "trainer.keep_checkpoints"),
+    ("trainer.eval_num_prompts=0", "trainer.eval_num_prompts"),
+    ("trainer.eval_images_per_prompt=0", "trainer.eval_images_per_prompt"),
+    ("trainer.log_images=-1", "trainer.log_images"),
+    ("trainer.timesteps_per_forward=0", "trainer.timesteps_per_forward"),
+]
+
+
+@pytest.mark.parametrize("override,key", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_out_of_range_values_name_their_key(override, key):
+    cfg = _compose([override])
+    with pytest.raises(ConfigError) as info:
+        validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    assert info.value.key == key, str(info.value)
+
+
+def test_lora_values_name_their_key():
+    for sd_override in (
+        ["model=sd14", "model.finetune=lora", "model.lora_rank=0"],
+        ["model=sd14", "model.lora_alpha=0"],
+    ):
+        cfg = _compose(sd_override)
+        with pytest.raises(ConfigError, match=r"model\.lora_"):
+            validate(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+
+def test_algorithm_values_name_their_own_key():
+    from rlft.algorithms.ddpo import DDPO
+
+    for kwargs, key in (({"adv_clip_max": 0}, "adv_clip_max"), ({"clip_range": -1}, "clip_range")):
+        with pytest.raises(ConfigError, match=f"algorithm.{key}: must be > 0"):
+            DDPO(**kwargs)
+    with pytest.raises(ConfigError, match="algorithm.stat_min_count"):
+        DDPO(stat_min_count=0)
+
+
 def _assert_clean_error(result, *needles: str, code: int = 2):
     err = result.stderr
     assert result.returncode == code, (result.returncode, err[-2000:])
@@ -92,6 +142,7 @@ BAD_INPUTS = [
     ),
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
+    (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
     (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
     (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "@eval_datasets.unseen="], 2),
     (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "@eval_datasets.unseen="], 2),

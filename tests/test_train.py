@@ -156,7 +156,7 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
     result = run_cli(args, cache_dir, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "(4 per process x 2 processes)" in result.stdout
-    state = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "custom_checkpoint_0.pkl", weights_only=False)
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "epoch_00002" / "run_state.json").read_text())["state"]
     tracked = {prompt: values for prompt, values in state["algorithm"]["tracker"]["stats"]}
     # every prompt drawn in either epoch, by either process, is in the (main process's) tracker
     stream, data = PromptStream(PackagedPrompts("simple_animals"), seed=0), PackagedPrompts("simple_animals")

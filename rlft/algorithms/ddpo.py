@@ -69,8 +69,12 @@ class DDPO(Algorithm):
             raise ConfigError("algorithm.estimator", f"'{estimator}' is not one of ppo, sf")
         if not 0.0 < timestep_fraction <= 1.0:
             raise ConfigError("algorithm.timestep_fraction", f"must be in (0, 1], got {timestep_fraction}")
-        if clip_range <= 0 or adv_clip_max <= 0:
-            raise ConfigError("algorithm.clip_range", "clip_range and adv_clip_max must be > 0")
+        for key, value in (("clip_range", clip_range), ("adv_clip_max", adv_clip_max)):
+            if not value > 0:
+                raise ConfigError(f"algorithm.{key}", f"must be > 0, got {value}")
+        for key, value in (("stat_buffer_size", stat_buffer_size), ("stat_min_count", stat_min_count)):
+            if value < 1:
+                raise ConfigError(f"algorithm.{key}", f"must be >= 1, got {value}")
         if num_inner_epochs < 1:
             raise ConfigError("algorithm.num_inner_epochs", f"must be >= 1, got {num_inner_epochs}")
         self.estimator = estimator

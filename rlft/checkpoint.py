@@ -1,0 +1,126 @@
+"""Checkpoints that hold only tensors (safetensors) and plain JSON: reading one cannot run code.
+
+    <run>/checkpoints/epoch_NNNNN/
+        trainable.safetensors   the trainable weights (the LoRA adapter or the whole UNet)
+        optimizer.safetensors   every tensor of the optimizer's state, keyed "<parameter index>/<name>"
+        run_state.json          written last, so that its presence marks a complete checkpoint: the
+                                epoch, the resolved config, the optimizer's parameter groups and
+                                non-tensor state, the gradient scaler's state (fp16) and the run's own
+                                state (prompt stream position, algorithm state such as DDPO's
+                                per-prompt statistics)
+
+No pickle is written or read (accelerate's ``save_state`` would pickle registered objects and load
+them with ``weights_only=False``). Every draw of a run comes from a generator seeded by what it is
+for (rlft/seeding.py), so no global RNG state is needed to resume exactly. A file that is missing,
+truncated or not what it should be raises ``CheckpointError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from rlft.errors import RlftError
+
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+COMPLETE_MARKER = "run_state.json"
+FORMAT = 2  # 1: accelerate's save_state with pickled run state (no longer read)
+
+
+class CheckpointError(RlftError):
+    """A checkpoint file is missing, damaged or of another format."""
+
+
+def optimizer_to_files(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer ``state_dict()`` as (tensors for safetensors, the rest as plain JSON values)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}/{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}/{name}"] = value
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_files(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
+    """The inverse of ``optimizer_to_files``: an optimizer ``state_dict()``."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *plain["scalars"].items()]:
+        index, name = key.split("/", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in plain["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def _json_safe(value):
+    """Floats JSON can hold exactly (repr round-trips); inf/nan as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, dict):
+        if set(value) == {"float"}:
+            return float(value["float"])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
+
+
+def write(directory: Path, trainable: dict[str, torch.Tensor], optimizer: dict, meta: dict) -> None:
+    """Write a checkpoint into ``directory`` (which must exist); the marker last."""
+    save_file(trainable, str(directory / TRAINABLE_FILE))
+    tensors, plain = optimizer_to_files(optimizer)
+    save_file(tensors, str(directory / OPTIMIZER_FILE))
+    marker = {"format": FORMAT, **meta, "optimizer": plain}
+    (directory / COMPLETE_MARKER).write_text(json.dumps(_json_safe(marker), indent=1))
+
+
+def read_marker(directory: Path) -> dict:
+    """The checkpoint's ``run_state.json``, checked to be of this format."""
+    path = directory / COMPLETE_MARKER
+    try:
+        marker = _from_json(json.loads(path.read_text()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an rlft checkpoint of format {FORMAT} (an older rlft pickled its run state, "
+            "which is no longer read); start a new run_name=..."
+        )
+    for key in ("epoch", "config", "state", "optimizer"):
+        if key not in marker:
+            raise CheckpointError(f"{path} has no '{key}'")
+    return marker
+
+
+def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """(marker, trainable tensors, optimizer state_dict) of a complete checkpoint."""
+    marker = read_marker(directory)
+    files = {}
+    for name in (TRAINABLE_FILE, OPTIMIZER_FILE):
+        path = directory / name
+        try:
+            files[name] = load_file(str(path))
+        except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
+    try:
+        optimizer = optimizer_from_files(files[OPTIMIZER_FILE], marker["optimizer"])
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{directory / COMPLETE_MARKER}: optimizer state unreadable ({e})") from None
+    return marker, files[TRAINABLE_FILE], optimizer
