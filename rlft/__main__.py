@@ -7,8 +7,10 @@ never a stack trace. Hydra itself reports composition errors the same way.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,22 +49,81 @@ def distributed_env_from_slurm() -> None:
     TorchDistributedEnvironment().export()
 
 
+# file-system conditions a user fixes (permissions, read-only mounts, full disks, a path under a file)
+USER_FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _last_checkpoint_line(run_dir: Path) -> str:
+    from rlft.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(run_dir)
+    if not done:
+        return f"no checkpoint was written yet in {run_dir}"
+    return f"the last checkpoint is {done[-1]}; run the same command to resume from it"
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Validate the config, then run; returns the last evaluation reward (for sweepers)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupted)
     try:
         validate(cfg)
         distributed_env_from_slurm()
         _quiet_libraries()
         from rlft.runner import Runner
 
-        run_dir = Path(HydraConfig.get().runtime.output_dir)
         metrics = Runner(cfg, run_dir).run()
     except RlftError as exc:
         print(f"rlft: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Interrupted as exc:
+        print(f"rlft: stopped by {exc}; {_last_checkpoint_line(run_dir)}", file=sys.stderr)
+        sys.exit(128 + exc.signum)
+    except OSError as exc:
+        if exc.errno not in USER_FS_ERRORS:
+            raise
+        where = exc.filename or run_dir
+        print(
+            f"rlft: error: {where}: {exc.strerror} (paths.output_root must be a writable directory with free space)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     return metrics.get("eval/reward/mean", metrics.get("reward/mean"))
 
 
+def check_output_root(argv: list[str]) -> None:
+    """Hydra creates the run directory before ``main`` runs, so a ``paths.output_root`` under a file or
+    on a read-only file system is reported here, in one line, before Hydra starts."""
+    root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.output_root=")), "outputs")
+    path = Path(root).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    if problem:
+        print(
+            f"rlft: error: paths.output_root: {problem} (set paths.output_root to a writable directory)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    check_output_root(sys.argv[1:])
     main()

@@ -124,3 +124,47 @@ def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{directory / COMPLETE_MARKER}: optimizer state unreadable ({e})") from None
     return marker, files[TRAINABLE_FILE], optimizer
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of a run directory, oldest first."""
+    return sorted(p.parent for p in (Path(run_dir) / "checkpoints").glob(f"epoch_*/{COMPLETE_MARKER}"))
+
+
+class RunLock:
+    """One process per run directory: an exclusive ``flock`` on ``<run>/rlft.lock`` held while the run
+    lives. The kernel drops it when the process ends, however it ends, so a killed run leaves no lock
+    that blocks a restart; the file keeps the holder's pid and host for the message."""
+
+    NAME = "rlft.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self.file = None
+
+    def acquire(self) -> None:
+        import fcntl
+        import os
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")  # noqa: SIM115 - held open for the run's lifetime
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RlftError(
+                f"{self.path.parent} is in use by {holder}; wait for that run to end, or choose another run_name=..."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"rlft pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -58,6 +58,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.keep_checkpoints",
     "trainer.progress_bar",
     "trainer.log_images",
+    "trainer.on_nan_reward",  # acts only on an epoch whose reward failed: the NaN stop's second remedy
     "logger",
 )
 
@@ -241,6 +242,7 @@ class Runner:
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
         self.run_state = _RunState(self)
+        self.lock = ckpt.RunLock(self.run_dir)
         # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
         # (two OpenMP thread teams on one set of cores halve the sampler's speed), so they run inline
         overlap = t.async_reward and self.device.type != "cpu"
@@ -256,7 +258,7 @@ class Runner:
 
     def complete_checkpoints(self) -> list[Path]:
         """This run's complete checkpoints, oldest first."""
-        return sorted(p.parent for p in self.checkpoint_root.glob(f"epoch_*/{COMPLETE_MARKER}"))
+        return ckpt.complete_checkpoints(self.run_dir)
 
     def latest_checkpoint(self) -> Path | None:
         done = self.complete_checkpoints()
@@ -281,7 +283,13 @@ class Runner:
                 "state": self.run_state.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
-            ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta)
+            try:
+                ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta)
+            except OSError as e:  # a full disk, a quota: the previous checkpoints stay as they were
+                shutil.rmtree(tmp, ignore_errors=True)
+                previous = self.latest_checkpoint()
+                kept = f"{previous} is intact" if previous else "no earlier checkpoint exists"
+                raise RlftError(f"cannot write checkpoint {final}: {e.strerror or e}; {kept}") from None
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self.complete_checkpoints()[: -max(1, self.cfg.trainer.keep_checkpoints)]:
@@ -441,15 +449,21 @@ class Runner:
             (where / f"{tag}.json").write_text(json.dumps([rollout.prompts[i] for i in idx], indent=1))
         if self.cfg.trainer.on_nan_reward == NaNPolicy.skip:
             return True
-        checkpoint = self.save_checkpoint()
+        # the state before this epoch (its prompts not yet drawn), under the completed epochs' name; a
+        # complete checkpoint of it is already that state and is never overwritten
+        self.stream.load_state_dict(self._stream_before_epoch)
+        checkpoint = self.checkpoint_root / f"epoch_{self.epoch:05d}"
+        if not (checkpoint / COMPLETE_MARKER).exists():
+            checkpoint = self.save_checkpoint()
         raise RewardError(
             f"reward {type(self.reward).__name__} returned NaN/inf for {n_bad} image(s) in epoch {self.epoch + 1}; "
-            f"images and prompts saved to {where}, state saved to {checkpoint}. Fix the reward, or set "
-            "trainer.on_nan_reward=skip to drop such epochs"
+            f"images and prompts saved to {where}; {checkpoint} holds the state before that epoch. Fix the reward "
+            "and run the same command again to redo the epoch, or add trainer.on_nan_reward=skip to drop such epochs"
         )
 
     def train_epoch(self) -> dict[str, float]:
         t_start = time.perf_counter()
+        self._stream_before_epoch = self.stream.state_dict()  # what a NaN stop saves (the epoch is redone)
         prompts, group, sample_index = self._prompts_for_epoch()
         # SAMPLING (+ rewards in the background)
         self.unet.eval()
@@ -581,6 +595,8 @@ class Runner:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
+        if self.is_main:
+            self.lock.acquire()  # one process per run directory (released when the process ends)
         checkpoint = self.resume_from()
         if checkpoint is not None:
             self._print(f"resumed from {checkpoint} (epoch {self.epoch})")
@@ -609,6 +625,7 @@ class Runner:
             self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")
         if self.is_main:
             self.logger.finish()
+            self.lock.release()
         self.executor.shutdown()
         self.accelerator.end_training()
         return last

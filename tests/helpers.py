@@ -9,16 +9,20 @@ from rlft.seeding import seeded_generator
 
 
 class NaNForPrompt(Reward):
-    """Mean brightness, but NaN for every image of ``prompt`` (a reward that breaks)."""
+    """Mean brightness, but NaN for every image of ``prompt`` (a reward that breaks); with ``when_env``,
+    only while that environment variable is set (the same config before and after the reward is fixed)."""
 
     name = "nan_for_prompt"
 
-    def __init__(self, prompt: str = "cat"):
-        self.prompt = prompt
+    def __init__(self, prompt: str = "cat", when_env: str | None = None):
+        self.prompt, self.when_env = prompt, when_env
 
     def score(self, images, prompts, metadata) -> RewardOutput:
+        import os
+
         scores = images.mean(dim=(1, 2, 3))
-        bad = torch.tensor([p == self.prompt for p in prompts])
+        broken = self.when_env is None or bool(os.environ.get(self.when_env))
+        bad = torch.tensor([broken and p == self.prompt for p in prompts])
         return RewardOutput(torch.where(bad, torch.full_like(scores, float("nan")), scores))
 
 

@@ -166,6 +166,36 @@ def test_two_processes_gather_per_prompt_statistics(cache_dir, tmp_path):
     assert len(read_metrics(tmp_path / "ddp")) == 2
 
 
+def test_nan_stop_in_a_later_epoch_resumes_to_the_uninterrupted_run(cache_dir, tmp_path):
+    """The reward breaks in epoch 3 (a prompt first drawn then), with no checkpoint since the start: the
+    stop saves the state after epoch 2. Fixed (the same config), the same command redoes epoch 3 and ends
+    bit-identical to a run whose reward never broke; the other remedy, on_nan_reward=skip, resumes too."""
+    stream, data = PromptStream(PackagedPrompts("simple_animals"), seed=0), PackagedPrompts("simple_animals")
+    epochs = [[data[i].text for i in stream.next_indices(4)] for _ in range(3)]
+    prompt = next(p for p in epochs[2] if p not in epochs[0] + epochs[1])
+    common = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=4"]
+    common += ["trainer.eval_every=0", "trainer.checkpoint_every=4", "reward._target_=tests.helpers.NaNForPrompt"]
+    common += ["~reward.quality", f"+reward.prompt={prompt}", "+reward.when_env=RLFT_TEST_BROKEN"]
+    straight = run_cli([*common, "run_name=straight"], cache_dir)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    broken = {"RLFT_TEST_BROKEN": "1"}
+    stop = run_cli([*common, "run_name=fixed"], cache_dir, env=broken)
+    assert stop.returncode == 3 and "in epoch 3" in stop.stderr, stop.stderr[-3000:]
+    saved = tmp_path / "fixed" / "checkpoints"
+    assert sorted(p.name for p in saved.iterdir()) == ["epoch_00002"]
+    again = run_cli([*common, "run_name=fixed"], cache_dir)
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00004" / "trainable.safetensors")
+    b = load_file(saved / "epoch_00004" / "trainable.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / "fixed"))
+
+    assert run_cli([*common, "run_name=skipped"], cache_dir, env=broken).returncode == 3
+    skip = run_cli([*common, "run_name=skipped", "trainer.on_nan_reward=skip"], cache_dir, env=broken)
+    assert skip.returncode == 0 and "resumed from" in skip.stdout, skip.stderr[-3000:]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "skipped") if r.get("reward/nan_epochs_skipped")] == [3]
+
+
 def test_nan_reward_stops_after_saving_or_skips(cache_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("cat\ndog\n")
@@ -184,7 +214,7 @@ def test_nan_reward_stops_after_saving_or_skips(cache_dir, tmp_path):
     stop = run_cli([*common, "run_name=stop"], cache_dir)
     assert stop.returncode == 3, stop.stderr[-3000:]
     assert "Traceback" not in stop.stderr and "returned NaN/inf for 8 image(s) in epoch 1" in stop.stderr
-    assert "trainer.on_nan_reward=skip" in stop.stderr
+    assert "trainer.on_nan_reward=skip" in stop.stderr and "holds the state before that epoch" in stop.stderr
     assert (tmp_path / "stop" / "checkpoints" / "epoch_00000" / "run_state.json").exists()
     assert (tmp_path / "stop" / "nan_rewards" / "epoch_00001" / "rank0.png").exists()
 
