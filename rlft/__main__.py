@@ -12,14 +12,17 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlft.config import register_configs, validate
 from rlft.errors import RlftError
+from rlft.multirun import clear_failure, record_failure
 
 register_configs()
 
@@ -74,12 +77,26 @@ def _last_checkpoint_line(run_dir: Path) -> str:
     return f"the last checkpoint is {done[-1]}; run the same command to resume from it"
 
 
+def _one_line(exc: Exception, run_dir: Path) -> tuple[str | None, int]:
+    """The one-line message and exit code for an error a user can fix; (None, 1) for a crash."""
+    if isinstance(exc, RlftError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, OSError) and exc.errno in USER_FS_ERRORS:
+        where = exc.filename or run_dir
+        return f"{where}: {exc.strerror} (paths.output_root must be a writable directory with free space)", 2
+    return None, 1
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Validate the config, then run; returns the last evaluation reward (for sweepers)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_interrupted)
+    if multirun:
+        clear_failure(run_dir)
     try:
         validate(cfg)
         distributed_env_from_slurm()
@@ -87,21 +104,20 @@ def main(cfg: DictConfig) -> float | None:
         from rlft.runner import Runner
 
         metrics = Runner(cfg, run_dir).run()
-    except RlftError as exc:
-        print(f"rlft: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
     except Interrupted as exc:
         print(f"rlft: stopped by {exc}; {_last_checkpoint_line(run_dir)}", file=sys.stderr)
         sys.exit(128 + exc.signum)
-    except OSError as exc:
-        if exc.errno not in USER_FS_ERRORS:
+    except Exception as exc:  # noqa: BLE001 - each kind gets its one line below; others re-raise
+        line, code = _one_line(exc, run_dir)
+        if line is None and not multirun:
             raise
-        where = exc.filename or run_dir
-        print(
-            f"rlft: error: {where}: {exc.strerror} (paths.output_root must be a writable directory with free space)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        if line is None:  # a crash inside a multirun: keep its traceback, run the next job
+            line = f"crashed with {type(exc).__name__}: {exc} (traceback in {run_dir / 'error.log'})"
+        print(f"rlft: error: {line}", file=sys.stderr)
+        if multirun:
+            record_failure(run_dir, line, traceback.format_exc())
+            return float("nan")  # a sweeper's failed trial (Optuna marks NaN as failed)
+        sys.exit(code)
     return metrics.get("eval/reward/mean", metrics.get("reward/mean"))
 
 

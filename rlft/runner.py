@@ -47,10 +47,11 @@ from rlft.evaluation import (
 from rlft.models import DiffusionPolicy
 from rlft.rewards.base import Reward, RewardOutput, to_uint8
 from rlft.sampling import Sampler, Trajectory, make_scheduler
-from rlft.seeding import EVAL, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seeded_generator
+from rlft.seeding import EVAL, INIT, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seed_global, seeded_generator
 
 RESUME_IGNORED_KEYS = (
     "resume",
+    "paths.",  # where outputs and caches live, not what the run is
     "trainer.epochs",
     "trainer.eval_",  # evaluation never feeds training: its sets, sizes, seed and schedule may change
     "eval_datasets",
@@ -59,6 +60,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.progress_bar",
     "trainer.log_images",
     "trainer.on_nan_reward",  # acts only on an epoch whose reward failed: the NaN stop's second remedy
+    "trainer.timesteps_per_forward",  # memory and speed: the same gradients, summed in another order
     "logger",
 )
 
@@ -222,7 +224,8 @@ class Runner:
             self.reward.check_metadata([p.metadata for p in probe], key)
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
         self.logger = build(cfg.logger, "logger") if self.is_main else None
-        # the policy
+        # the policy (a LoRA adapter's initialisation draws from torch's global generator)
+        seed_global(cfg.seed, INIT)
         self.policy: DiffusionPolicy = build(cfg.model, "model")
         self.reward.to(self.device)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
@@ -280,6 +283,7 @@ class Runner:
             meta = {
                 "epoch": self.epoch,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "config_unresolved": OmegaConf.to_container(self.cfg, resolve=False),
                 "state": self.run_state.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
             }
@@ -348,10 +352,18 @@ class Runner:
         return path
 
     def _check_same_config(self, checkpoint: Path, marker: dict) -> None:
-        saved = OmegaConf.create(marker["config"])
-        now = OmegaConf.create(OmegaConf.to_container(self.cfg, resolve=True))
-        diffs = _config_diff(saved, now)
-        diffs = [d for d in diffs if not d.startswith(RESUME_IGNORED_KEYS)]
+        """Refuse a resume whose config differs in what the run *is*. Not compared: the keys in
+        RESUME_IGNORED_KEYS, and values that differ only where they resolve the same expression to
+        another place (``${rlft.package:toy/weights}`` in another checkout, ``${oc.env:...}`` caches)."""
+        now = OmegaConf.to_container(self.cfg, resolve=True)
+        now_unresolved = OmegaConf.to_container(self.cfg, resolve=False)
+        saved_unresolved = marker.get("config_unresolved", {})
+        diffs = [
+            d
+            for d in _config_diff(marker["config"], now)
+            if not d.startswith(RESUME_IGNORED_KEYS)
+            and not _same_expression(_at(saved_unresolved, d), _at(now_unresolved, d))
+        ]
         if diffs:
             raise RlftError(
                 f"cannot resume {checkpoint}: its config differs in {', '.join(diffs[:5])}; use the same "
@@ -691,12 +703,28 @@ def _cat_trajectories(items: list[Trajectory]) -> Trajectory:
 
 
 def _config_diff(a, b, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain configs."""
-    if isinstance(a, DictConfig) and isinstance(b, DictConfig):
-        keys = sorted(set(a.keys()) | set(b.keys()))
+    """Dotted keys whose values differ between two plain configs (dicts of plain values)."""
+    if isinstance(a, dict) and isinstance(b, dict):
         out = []
-        for k in keys:
+        for k in sorted(set(a) | set(b), key=str):
             out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     same = a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
     return [] if same else [prefix.rstrip(".")]
+
+
+_MISSING = object()
+
+
+def _at(config, dotted: str):
+    """The value at a dotted key of a plain config, or _MISSING."""
+    for part in dotted.split("."):
+        if not isinstance(config, dict) or part not in config:
+            return _MISSING
+        config = config[part]
+    return config
+
+
+def _same_expression(a, b) -> bool:
+    """Both values are the same unresolved interpolation (``${...}``)."""
+    return a is not _MISSING and a == b and isinstance(a, str) and "${" in a

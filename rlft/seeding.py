@@ -7,6 +7,8 @@ never how the work happens to be batched:
     (seed, EVAL, eval_seed, i)        the same for evaluation image i
     (seed, TRAIN_SAMPLE, epoch, k, i) sample i's step shuffle in inner epoch k (DDPO, PXPO)
     (seed, TRAIN, epoch, rank)        the order of this process's samples in micro-batches
+    (seed, INIT)                      torch's global generator while the model is built (a LoRA
+                                      adapter's random initialisation)
 
 ``i`` is the sample's position in the epoch (prompt position x images per prompt
 + image), the same on any number of processes. So ``sampler.batch_size``,
@@ -25,12 +27,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-SAMPLE, TRAIN, EVAL, TRAIN_SAMPLE = 1, 2, 3, 4  # purposes: a key's second element
+SAMPLE, TRAIN, EVAL, TRAIN_SAMPLE, INIT = 1, 2, 3, 4, 5  # purposes: a key's second element
 
 
 def seeded_generator(*key: int) -> torch.Generator:
     """A CPU generator seeded by a tuple of ints, e.g. (seed, purpose, epoch, sample)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]))
+
+
+def seed_global(*key: int) -> None:
+    """Seed torch's global generator (for code that draws from it, e.g. peft's LoRA initialisation)."""
+    torch.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]))
 
 
 def sample_noise(keys: Sequence[Sequence[int]], num_steps: int, shape: tuple[int, ...]) -> Tensor:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from rlft.checkpoint import optimizer_from_files, optimizer_to_files
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, REPO, read_metrics, run_cli, subprocess_env, timeout_s, too_slow
 
 
 class _Payload:
@@ -136,3 +140,78 @@ def test_every_checkpoint_damaged_stops_with_one_line(cache_dir, tmp_path, damag
     assert "Traceback" not in again.stderr and "no checkpoint in" in again.stderr, again.stderr[-2000:]
     assert "skipping damaged checkpoint epoch_00001" in again.stdout
     assert latest.exists()  # nothing deleted
+
+
+def _start(args, cache_dir):
+    """``python -m rlft`` in the background (stdout, stderr to pipes)."""
+    cmd = [sys.executable, "-m", "rlft", "trainer.progress_bar=false", *args]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=subprocess_env(cache_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _wait_for(path, proc, limit):
+    deadline = time.time() + limit
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not path.exists():
+        proc.kill()
+        if time.time() >= deadline:
+            too_slow(proc.args, limit)
+        raise AssertionError(f"{path} never appeared: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_in_one_line_naming_the_last_checkpoint(cache_dir, tmp_path, signum):
+    args = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=50"]
+    args += ["trainer.eval_every=0", "trainer.checkpoint_every=1", "run_name=run"]
+    proc = _start(args, cache_dir)
+    _wait_for(tmp_path / "run" / "checkpoints" / "epoch_00001" / "run_state.json", proc, timeout_s(300))
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=timeout_s(120))
+    assert proc.returncode == 128 + signum, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    name = signal.Signals(signum).name
+    assert lines[-1].startswith(f"rlft: stopped by {name}; the last checkpoint is {tmp_path / 'run' / 'checkpoints'}")
+    again = run_cli([*args, "trainer.epochs=2"], cache_dir)  # the same run, continued
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-2000:]
+
+
+def test_a_second_process_on_one_run_directory_is_refused_and_a_killed_one_leaves_no_lock(cache_dir, tmp_path):
+    args = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=50"]
+    args += ["trainer.eval_every=0", "trainer.checkpoint_every=1", "run_name=run"]
+    first = _start(args, cache_dir)
+    _wait_for(tmp_path / "run" / "checkpoints" / "epoch_00001" / "run_state.json", first, timeout_s(300))
+    second = run_cli(args, cache_dir)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+    assert f"{tmp_path / 'run'} is in use by rlft pid {first.pid}" in second.stderr
+    assert first.poll() is None  # the first one runs on
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    third = run_cli([*args, "trainer.epochs=2"], cache_dir)
+    assert third.returncode == 0 and "resumed from" in third.stdout, third.stderr[-2000:]
+
+
+def test_a_run_moved_to_another_directory_resumes(cache_dir, tmp_path):
+    """Where outputs live is not what the run is: the run directory moved under another output root
+    (as a requeue on another node, or a moved checkout, sees it) resumes, and ends as an unmoved run."""
+    common = [*FAST, "sampler.num_steps=4", "trainer.eval_every=0", "trainer.checkpoint_every=2", "run_name=run"]
+    straight = run_cli([f"paths.output_root={tmp_path / 'straight'}", *common, "trainer.epochs=4"], cache_dir)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = run_cli([f"paths.output_root={tmp_path / 'a'}", *common, "trainer.epochs=2"], cache_dir)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (tmp_path / "b").mkdir()
+    shutil.move(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    moved = run_cli([f"paths.output_root={tmp_path / 'b'}", *common, "trainer.epochs=4"], cache_dir)
+    assert moved.returncode == 0 and "resumed from" in moved.stdout, moved.stderr[-2000:]
+    a = load_file(tmp_path / "straight" / "run" / "checkpoints" / "epoch_00004" / "trainable.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "checkpoints" / "epoch_00004" / "trainable.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_output_root_under_a_file_is_one_line(cache_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    result = run_cli([f"paths.output_root={tmp_path / 'file' / 'runs'}", *FAST], cache_dir)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"paths.output_root: {tmp_path / 'file'} is a file, not a directory" in result.stderr

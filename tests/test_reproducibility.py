@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import read_metrics, run_cli
+from tests.conftest import FAST, read_metrics, run_cli
 from tests.helpers import eval_table
 
 COMMON = [
@@ -112,3 +112,17 @@ def test_batch_sizes_and_processes_change_nothing_but_rounding(cache_dir, tmp_pa
     seed1 = tmp_path / "other_seed"
     assert max(abs(a - b) for a, b in zip(_train_rewards(first), _train_rewards(seed1))) > 100 * REWARD_TOL
     assert _max_difference(_weights(first), _weights(seed1)) > 100 * WEIGHT_TOL
+
+
+def test_lora_runs_with_one_seed_train_identical_adapters(cache_dir, tmp_path):
+    """The adapter's random initialisation comes from ``seed`` (rlft.seeding INIT): two finetune=lora runs
+    with the same seed hold bit-identical adapters after an epoch, and another seed starts elsewhere."""
+    common = [f"paths.output_root={tmp_path}", *FAST, "model.finetune=lora", "sampler.num_steps=4"]
+    common += ["trainer.epochs=1", "trainer.eval_every=0"]
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        result = run_cli([*common, f"run_name={name}", f"seed={seed}"], cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b, c = (load_file(tmp_path / n / "checkpoints" / "epoch_00001" / "trainable.safetensors") for n in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lora_a = [k for k in a if "lora_A" in k]
+    assert lora_a and not all(torch.equal(a[k], c[k]) for k in lora_a)

@@ -81,6 +81,24 @@ def test_optuna_objective_is_each_jobs_final_evaluation_reward(cache_dir, tmp_pa
     assert set(study["best_params"]) == {"optimizer.lr", "algorithm.clip_range", "algorithm.adv_clip_max"}
 
 
+def test_a_multirun_runs_past_an_invalid_job_and_lists_it(cache_dir, tmp_path):
+    """Three jobs, the middle one with a value that cannot work: the other two run to the end, and the
+    multirun exits 1 with the failed job and its one-line reason."""
+    args = [
+        "-m", *FAST, "sampler.num_steps=4", "trainer.epochs=1", "trainer.eval_every=0", "trainer.log_images=0",
+        "trainer.max_grad_norm=1.0,-1,0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]  # fmt: skip
+    result = run_cli(args, cache_dir)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    done = [j.name for j in jobs if (j / "checkpoints" / "epoch_00001" / "run_state.json").exists()]
+    assert [d.split("-")[0] for d in done] == ["0", "2"], [j.name for j in jobs]
+    assert "rlft: 1 job(s) of the multirun" in result.stderr
+    listed = [line for line in result.stderr.splitlines() if line.startswith("  1-")]
+    assert len(listed) == 1 and "trainer.max_grad_norm: must be a finite number > 0" in listed[0], result.stderr
+
+
 def test_wandb_group_is_one_configuration_across_seeds_and_tags_are_the_choices(monkeypatch, tmp_path):
     import wandb
 
