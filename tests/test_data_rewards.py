@@ -41,6 +41,30 @@ def test_prompt_files(tmp_path):
         PromptFile(str(tmp_path / "p.csv"))
 
 
+@pytest.mark.parametrize(
+    "name,content,needle",
+    [
+        ("latin1.txt", "a caf\xe9\n".encode("latin-1"), r"latin1.txt' is not UTF-8 text \(byte 5"),
+        ("bad.jsonl", b'{"prompt": "a cat"}\n{"prompt": "a dog"\n', r"bad.jsonl' line 2 is not JSON"),
+        ("list.jsonl", b'["a cat"]\n', r"list.jsonl' line 1 is a JSON list \(expected an object\)"),
+        ("bad.json", b'["a cat",', r"bad.json' is not JSON"),
+        ("latin1.csv", "prompt\na caf\xe9\n".encode("latin-1"), r"latin1.csv' is not UTF-8 text"),
+    ],
+)
+def test_unreadable_prompt_files_name_the_file_and_the_line(tmp_path, name, content, needle):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ConfigError, match=r"^dataset.path: .*" + needle):
+        PromptFile(str(tmp_path / name))
+
+
+def test_a_feedback_map_that_is_not_an_image_is_refused_at_start_up(tmp_path):
+    from rlft.rewards.feedback import FeedbackMap
+
+    (tmp_path / "map.png").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"feedback map '.*map.png' is not a readable image"):
+        FeedbackMap(root=str(tmp_path)).check_metadata([{"feedback_map": "map.png"}])
+
+
 def test_stream_is_deterministic_resumable_and_covers_each_pass():
     data = PromptList([str(i) for i in range(10)])
     a = PromptStream(data, seed=3)

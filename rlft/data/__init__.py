@@ -118,18 +118,46 @@ def read_rows(
     ``fields`` are read when ``fields`` is given). A plain prompt (a .txt line, a string in a .json list)
     becomes ``{column: prompt}``."""
     suffix = path.suffix.lower()
+    if suffix in (".txt", ".jsonl", ".json", ""):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                key, f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason})", "save it as UTF-8"
+            ) from None
     if suffix in (".txt", ""):
-        return [{column: line.strip()} for line in path.read_text().splitlines() if line.strip()]
+        return [{column: line.strip()} for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(key, f"'{path}' line {number} is not JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(key, f"'{path}' line {number} is a JSON {type(row).__name__}", "expected an object")
+            rows.append(row)
+        return rows
     if suffix == ".json":
-        items = json.loads(path.read_text())
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(key, f"'{path}' is not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
         if not isinstance(items, list):
             raise ConfigError(key, f"'{path}' holds a JSON {type(items).__name__}", "expected a list of prompts")
         return [item if isinstance(item, dict) else {column: item} for item in items]
     if suffix in (".csv", ".tsv"):
-        with path.open(newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                key, f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason})", "save it as UTF-8"
+            ) from None
+        except csv.Error as e:
+            raise ConfigError(key, f"'{path}' is not a readable {suffix[1:].upper()} file ({e})") from None
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

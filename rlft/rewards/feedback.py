@@ -28,8 +28,15 @@ from rlft.rewards.base import Reward, RewardOutput
 
 def read_feedback_map(path: Path, size: tuple[int, int]) -> torch.Tensor:
     """The painted map at ``size`` (H, W), in [-1, 1]  [H, W]."""
-    with Image.open(path) as img:
-        grey = img.convert("L").resize((size[1], size[0]), Image.BILINEAR)
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L").resize((size[1], size[0]), Image.BILINEAR)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ConfigError(
+            "reward.root", f"feedback map '{path}' is not a readable image ({type(e).__name__})", "save it as a PNG"
+        ) from None
     return (torch.from_numpy(np.asarray(grey, dtype=np.float32)) - 127.5) / 127.5
 
 
@@ -59,7 +66,7 @@ class FeedbackMap(Reward):
 
     def check_metadata(self, metadata: Sequence[Mapping[str, Any]], key: str = "dataset") -> None:
         for meta in metadata:
-            self._path(meta, key)
+            read_feedback_map(self._path(meta, key), (8, 8))  # exists and is an image (start-up, not mid-run)
 
     def score(self, images, prompts, metadata) -> RewardOutput:
         H, W = images.shape[-2:]
