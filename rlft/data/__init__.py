@@ -110,6 +110,10 @@ class NounsActivities(PromptDataset):
 PROMPT_FILE_TYPES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet")
 
 
+def _not_utf8(key: str, path: Path, e: UnicodeDecodeError) -> ConfigError:
+    return ConfigError(key, f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason})", "save it as UTF-8")
+
+
 def read_rows(
     path: Path, column: str, fields: Sequence[str] | None = None, key: str = "dataset.path"
 ) -> list[dict[str, Any]]:
@@ -122,9 +126,7 @@ def read_rows(
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(
-                key, f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason})", "save it as UTF-8"
-            ) from None
+            raise _not_utf8(key, path, e) from None
     if suffix in (".txt", ""):
         return [{column: line.strip()} for line in text.splitlines() if line.strip()]
     if suffix == ".jsonl":
@@ -133,12 +135,12 @@ def read_rows(
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise ConfigError(key, f"'{path}' line {number} is not JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(key, f"'{path}' line {number} is a JSON {type(row).__name__}", "expected an object")
-            rows.append(row)
+            if not isinstance(rows[-1], dict):
+                kind = type(rows[-1]).__name__
+                raise ConfigError(key, f"'{path}' line {number} is a JSON {kind}", "expected an object")
         return rows
     if suffix == ".json":
         try:
@@ -153,9 +155,7 @@ def read_rows(
             with path.open(newline="", encoding="utf-8") as f:
                 return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
         except UnicodeDecodeError as e:
-            raise ConfigError(
-                key, f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason})", "save it as UTF-8"
-            ) from None
+            raise _not_utf8(key, path, e) from None
         except csv.Error as e:
             raise ConfigError(key, f"'{path}' is not a readable {suffix[1:].upper()} file ({e})") from None
     if suffix == ".parquet":
