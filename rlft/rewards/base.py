@@ -1,4 +1,4 @@
-"""The reward interface (DESIGN section 2)."""
+"""The reward interface: images in [0, 1] and prompts in, scores (and per-pixel maps) out (README "Rewards")."""
 
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def score_in_batches(score_batch, images: Tensor, prompts: Sequence[str], batch_
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[0, 1] floats -> uint8 as (x * 255).round().clamp(0, 255)  (DESIGN 4)."""
+    """[0, 1] floats -> uint8 as (x * 255).round().clamp(0, 255): the 8-bit image a PIL-based scorer sees."""
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8)
 
 

@@ -1,4 +1,4 @@
-"""CLIP-based rewards: PickScore and the LAION aesthetic predictor (DESIGN section 4).
+"""CLIP-based rewards: PickScore and the LAION aesthetic predictor (README "Rewards").
 
 PickScore (Kirstain et al. 2023; model yuvalkirstain/PickScore_v1, processor from
 laion/CLIP-ViT-H-14-laion2B-s32B-b79K):

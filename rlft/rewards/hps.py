@@ -1,4 +1,4 @@
-"""Human Preference Score v2 and v2.1 (Wu et al. 2023), through open_clip (DESIGN section 4).
+"""Human Preference Score v2 and v2.1 (Wu et al. 2023), through open_clip (README "Rewards").
 
 HPS is an open_clip ViT-H-14 CLIP finetuned on HPDv2; the published checkpoint
 (HPS_v2_compressed.pt, HPS_v2.1_compressed.pt in the hub repo xswu/HPSv2) holds the whole

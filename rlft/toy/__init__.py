@@ -1,4 +1,4 @@
-"""The toy world: a self-made text-to-image world that runs offline on a CPU (DESIGN section 6).
+"""The toy world: a self-made text-to-image world that runs offline on a CPU (README "The toy world").
 
 grammar   coloured-shape prompts, 100k+ of them, with fixed train / unseen splits
 render    draws the scene a prompt describes
