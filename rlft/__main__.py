@@ -121,25 +121,5 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("eval/reward/mean", metrics.get("reward/mean"))
 
 
-def check_output_root(argv: list[str]) -> None:
-    """Hydra creates the run directory before ``main`` runs, so a ``paths.output_root`` under a file or
-    on a read-only file system is reported here, in one line, before Hydra starts."""
-    root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.output_root=")), "outputs")
-    path = Path(root).expanduser().absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is a file, not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        problem = f"{existing} is not writable"
-    if problem:
-        print(
-            f"rlft: error: paths.output_root: {problem} (set paths.output_root to a writable directory)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    check_output_root(sys.argv[1:])
     main()

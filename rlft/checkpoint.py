@@ -82,11 +82,19 @@ def _from_json(value):
     return value
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+        raise OSError(f"{path}: {e}") from None
+
+
 def write(directory: Path, trainable: dict[str, torch.Tensor], optimizer: dict, meta: dict) -> None:
-    """Write a checkpoint into ``directory`` (which must exist); the marker last."""
-    save_file(trainable, str(directory / TRAINABLE_FILE))
+    """Write a checkpoint into ``directory`` (which must exist); the marker last. A failed write
+    raises OSError."""
+    _save(trainable, directory / TRAINABLE_FILE)
     tensors, plain = optimizer_to_files(optimizer)
-    save_file(tensors, str(directory / OPTIMIZER_FILE))
+    _save(tensors, directory / OPTIMIZER_FILE)
     marker = {"format": FORMAT, **meta, "optimizer": plain}
     (directory / COMPLETE_MARKER).write_text(json.dumps(_json_safe(marker), indent=1))
 

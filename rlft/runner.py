@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlft import checkpoint as ckpt
-from rlft.algorithms.base import Algorithm, Rollout, step_chunks
+from rlft.algorithms.base import Algorithm, Rollout, stacked_steps, step_chunks
 from rlft.checkpoint import COMPLETE_MARKER, CheckpointError
 from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
@@ -320,22 +320,22 @@ class Runner:
         auto: the newest complete checkpoint; one that cannot be read is skipped with one line and
         the one before it is used."""
         mode = str(self.cfg.resume)
-        latest = self.latest_checkpoint()
+        done = self.complete_checkpoints()
         if mode == "never":
-            if latest is not None:
+            if done:
                 raise RlftError(
-                    f"{self.run_dir} already holds checkpoints ({latest.name}); set resume=auto to continue "
+                    f"{self.run_dir} already holds checkpoints ({done[-1].name}); set resume=auto to continue "
                     "that run, or a new run_name=... to start another"
                 )
             return None
         if mode == "auto":
-            for candidate in reversed(self.complete_checkpoints()):
+            for candidate in reversed(done):
                 try:
                     self.load_checkpoint(candidate)
                     return candidate
                 except CheckpointError as e:
                     self._print(f"rlft: warning: skipping damaged checkpoint {candidate.name}: {e}")
-            if latest is not None:
+            if done:
                 raise RlftError(
                     f"no checkpoint in {self.checkpoint_root} can be read (see the warnings above); "
                     "start again with resume=never and a new run_name=..."
@@ -437,8 +437,7 @@ class Runner:
                 per_chunk = []
                 for chunk in step_chunks(S, k):
                     step = torch.arange(S)[chunk].expand(len(rows), -1)  # [b, k]
-                    lp = self.step_log_prob(ref_unet, traj, rows.repeat_interleave(step.shape[1]), step.flatten())
-                    per_chunk.append(lp.view(*step.shape, *lp.shape[1:]))
+                    per_chunk.append(stacked_steps(lambda i, s: self.step_log_prob(ref_unet, traj, i, s), rows, step))
                 out.append(torch.cat(per_chunk, dim=1))
         return torch.cat(out)
 

@@ -121,6 +121,26 @@ def run_process(cmd: list[str], cache_dir: Path, timeout: float = 600, env: dict
     too_slow(cmd, limit)  # outside the except block: one line, no chained traceback
 
 
+def run_cli_batch(
+    arg_lists: list[list[str]], cache_dir: Path, timeout: float = 900
+) -> list[subprocess.CompletedProcess]:
+    """`python -m rlft <args>` for each of ``arg_lists``, as run_cli runs them, at the cost of one start-up
+    (tests/cli_batch.py: each command line in a forked process); ``timeout`` covers them all."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "cases.json", Path(tmp) / "results.json"
+        spec.write_text(json.dumps([{"args": ["trainer.progress_bar=false", *args]} for args in arg_lists]))
+        cmd = [sys.executable, "-m", "tests.cli_batch", str(spec), str(out)]
+        driver = run_process(cmd, cache_dir, timeout)
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        results = json.loads(out.read_text())
+    return [
+        subprocess.CompletedProcess(["rlft", *args], r["code"], r["stdout"], r["stderr"])
+        for args, r in zip(arg_lists, results, strict=True)
+    ]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from rlft.config import register_configs, validate
 from rlft.errors import ConfigError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli_batch
 
 CONF = REPO / "conf"
 GROUPS = ["model", "reward", "algorithm", "dataset", "sampler", "trainer", "optimizer", "logger"]
@@ -164,21 +162,17 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_input_results(cache_dir, tmp_path_factory):
+    """Every BAD_INPUTS command line run once (one start-up: tests/cli_batch.py)."""
+    root = tmp_path_factory.mktemp("bad_inputs_default")
+    results = run_cli_batch([[f"paths.output_root={root}", *b[0]] for b in BAD_INPUTS], cache_dir)
+    return {" ".join(b[0]): r for b, r in zip(BAD_INPUTS, results, strict=True)}
+
+
 @pytest.mark.parametrize("overrides,needles,code", BAD_INPUTS, ids=[" ".join(b[0]) for b in BAD_INPUTS])
-def test_bad_input_one_clear_message(overrides, needles, code, cache_dir, tmp_path):
-    result = run_cli([f"paths.output_root={tmp_path}", *overrides], cache_dir, timeout=300)
-    _assert_clean_error(result, *needles, code=code)
-
-
-def test_empty_and_missing_prompt_files(cache_dir, tmp_path: Path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n")
-    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={empty}"], cache_dir)
-    _assert_clean_error(result, "dataset.path", "holds no prompts")
-    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file", f"dataset.path={tmp_path}/nope.txt"], cache_dir)
-    _assert_clean_error(result, "does not exist")
-    result = run_cli([f"paths.output_root={tmp_path}", "dataset=file"], cache_dir)
-    _assert_clean_error(result, "dataset.path")
+def test_bad_input_one_clear_message(overrides, needles, code, bad_input_results):
+    _assert_clean_error(bad_input_results[" ".join(overrides)], *needles, code=code)
 
 
 SWEEP_KEYS = {"program", "method", "metric", "parameters", "command"}

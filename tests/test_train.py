@@ -92,28 +92,39 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     full = run_cli([*common, "run_name=straight"], cache_dir)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    env = subprocess_env(cache_dir)
-    cmd = [sys.executable, "-m", "rlft", "trainer.progress_bar=false", *common, "run_name=killed"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # killed right after a checkpoint is complete, and (run "in_backward") inside a backward pass of
+    # the epoch after it: tests/site/sitecustomize.py's hook sends the SIGKILL from autograd
     marker = tmp_path / "killed" / "checkpoints" / "epoch_00002" / "run_state.json"
-    limit = timeout_s(300)
-    deadline = time.time() + limit
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    if not marker.exists() and time.time() >= deadline:
-        too_slow(cmd, limit)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (tmp_path / "killed" / "checkpoints" / "epoch_00006").exists()
+    in_backward = tmp_path / "in_backward" / "checkpoints" / "epoch_00002" / "run_state.json"
+    note = tmp_path / "killed_inside_backward.txt"
+    backward_env = {"RLFT_TEST_KILL_IN_BACKWARD_AFTER": str(in_backward), "RLFT_TEST_KILLED_NOTE": str(note)}
+    for name, wait_for, env in (("killed", marker, {}), ("in_backward", None, backward_env)):
+        cmd = [sys.executable, "-m", "rlft", "trainer.progress_bar=false", *common, f"run_name={name}"]
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=subprocess_env(cache_dir, env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        limit = timeout_s(300)
+        deadline = time.time() + limit
+        while (wait_for is None or not wait_for.exists()) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        if proc.poll() is None and time.time() >= deadline:
+            proc.kill()
+            too_slow(cmd, limit)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL, f"run {name} finished before it could be killed"
+        assert not (tmp_path / name / "checkpoints" / "epoch_00006").exists()
+    assert note.read_text() == "killed inside backward" and in_backward.exists()
+    assert max(row["epoch"] for row in read_metrics(tmp_path / "in_backward")) == 2  # epoch 3 never finished
 
-    resumed = run_cli([*common, "run_name=killed", "resume=auto"], cache_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
-    b = load_file(tmp_path / "killed" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / "killed"))
+    for name in ("killed", "in_backward"):
+        resumed = run_cli([*common, f"run_name={name}", "resume=auto"], cache_dir)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from" in resumed.stdout
+        a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
+        b = load_file(tmp_path / name / "checkpoints" / "epoch_00006" / "trainable.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / name)), name
     # the resumed run still compares its last evaluation with the first one, made before the kill
     summary = lambda out: [line for line in out.splitlines() if line.startswith("evaluation reward on")]  # noqa: E731
     assert summary(resumed.stdout) == summary(full.stdout) and "(epoch 0) -> " in summary(full.stdout)[0]

@@ -96,15 +96,20 @@ class TrainContext(Protocol):
         ...
 
 
-def step_log_probs(ctx: TrainContext, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
-    """``ctx.log_prob`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...].
+def stacked_steps(log_prob, index: Tensor, steps: Tensor) -> Tensor:
+    """``log_prob(index', step')`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...].
 
     Row i of ``steps`` holds sample i's steps. Stacking k steps multiplies the UNet batch, and its
     activations, by k; a loss summed over them has the gradient of k one-step calls, up to summation order.
     """
     b, k = steps.shape
-    log_prob = ctx.log_prob(rollout, index.repeat_interleave(k), steps.flatten())
-    return log_prob.view(b, k, *log_prob.shape[1:])
+    out = log_prob(index.repeat_interleave(k), steps.flatten())
+    return out.view(b, k, *out.shape[1:])
+
+
+def step_log_probs(ctx: TrainContext, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
+    """``ctx.log_prob`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...]."""
+    return stacked_steps(lambda i, s: ctx.log_prob(rollout, i, s), index, steps)
 
 
 def step_chunks(num_steps: int, size: int) -> list[slice]:

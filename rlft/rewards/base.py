@@ -132,6 +132,43 @@ OFFLINE_HINT = (
 )
 
 
+def load_weights(file: Path, key: str, what: str) -> dict:
+    """A torch weights file (tensors only: ``weights_only=True`` refuses pickled objects), with one
+    clear error naming the file and ``key`` for a file that is not one."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, a truncated download, pickled objects
+        if "Unsupported global" in str(exc):
+            reason = "it holds pickled Python objects besides tensors, which are never loaded (they could run code)"
+        else:
+            reason = f"it is not a torch weights file, or it is damaged ({type(exc).__name__})"
+        raise ConfigError(key, f"cannot read '{file}' as {what}: {reason}") from None
+    if not isinstance(state, dict):
+        raise ConfigError(key, f"'{file}' holds a {type(state).__name__}, not {what}")
+    return state
+
+
+def fit_state_dict(module, state: dict, file: Path, key: str, what: str) -> None:
+    """``module.load_state_dict(state)``, failing with one line naming the file, and what is missing,
+    unexpected or of another shape, when it does not fit."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {list(state[k].shape)} (needs {list(own[k].shape)})"
+        for k in own
+        if k in state and getattr(state[k], "shape", None) != own[k].shape
+    ]
+    parts = [
+        f"{len(names)} {label} (first: {names[0]})"
+        for names, label in ((missing, "weights missing"), (unexpected, "unexpected"), (shapes, "of another shape"))
+        if names
+    ]
+    if parts:
+        raise ConfigError(key, f"'{file}' does not fit {what}: {'; '.join(parts)}")
+    module.load_state_dict(state)
+
+
 def load_pretrained(loader, path: str, key: str, **kwargs):
     """``loader.from_pretrained(path)`` with one clear error for a missing directory, file or hub repo."""
     local = Path(path).expanduser()

@@ -26,7 +26,15 @@ from PIL import Image
 from torch import nn
 
 from rlft.errors import ConfigError
-from rlft.rewards.base import Reward, RewardOutput, load_pretrained, score_in_batches, to_uint8
+from rlft.rewards.base import (
+    Reward,
+    RewardOutput,
+    fit_state_dict,
+    load_pretrained,
+    load_weights,
+    score_in_batches,
+    to_uint8,
+)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -133,12 +141,15 @@ class Aesthetic(_ClipReward):
                 "download sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/"
                 "improved-aesthetic-predictor and set reward.mlp_path to it",
             )
+        # the small predictor first: a bad file is reported before CLIP loads
+        state = load_weights(file, "reward.mlp_path", "aesthetic predictor weights")
+        if not isinstance(state.get("layers.0.weight"), torch.Tensor) or state["layers.0.weight"].ndim != 2:
+            raise ConfigError("reward.mlp_path", f"'{file}' has no 'layers.0.weight' matrix of the aesthetic MLP")
+        self.mlp = AestheticMLP(state["layers.0.weight"].shape[1]).eval().requires_grad_(False)
+        fit_state_dict(self.mlp, state, file, "reward.mlp_path", "the aesthetic MLP")
         super().__init__(clip_path, "reward.clip_path", dtype, batch_size)
         self.clip = load_pretrained(CLIPVisionModelWithProjection, clip_path, "reward.clip_path")
         self.clip.eval().requires_grad_(False).to(self.dtype)
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        self.mlp = AestheticMLP(state["layers.0.weight"].shape[1]).eval().requires_grad_(False)
-        self.mlp.load_state_dict(state)
         self.mlp.to(self.dtype)
 
     def modules(self) -> list[nn.Module]:

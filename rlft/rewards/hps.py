@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlft.errors import ConfigError
-from rlft.rewards.base import Reward, RewardOutput, score_in_batches
+from rlft.rewards.base import Reward, RewardOutput, fit_state_dict, load_weights, score_in_batches
 from rlft.rewards.clip import to_pil
 
 HPS_REPO = "xswu/HPSv2"
@@ -96,20 +96,13 @@ class HPSv2(Reward):
                     f"HPS checkpoint '{path}' does not exist",
                     f"download {HPS_FILES[version]} from the hub repo {repo} and set reward.path to it",
                 )
+        # the file first (fast), the architecture after: a bad checkpoint is reported before ViT-H-14 is built
+        state = load_weights(file, "reward.path", "an HPS checkpoint")
+        state = state.get("state_dict", state)
         model_name = open_clip_architecture(arch)
         # the HPS checkpoint holds every CLIP weight: no pretrained tower is fetched, nothing else is read
         self.model = open_clip.create_model(model_name, pretrained=None, pretrained_text=False, output_dict=True)
-        try:
-            state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # not a torch file, truncated download, pickled objects
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError("reward.path", f"cannot read '{file}' as an HPS checkpoint: {first}") from None
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-        try:
-            self.model.load_state_dict(state)
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError("reward.path", f"'{file}' does not fit open_clip {arch}: {first}") from None
+        fit_state_dict(self.model, state, file, "reward.path", f"open_clip {arch}")
         self.model.eval().requires_grad_(False).to(getattr(torch, dtype))
         # the reference evaluation transform: longest side to the model's size, bicubic, zero padding
         size = self.model.visual.image_size
