@@ -8,7 +8,6 @@ never a stack trace. Hydra itself reports composition errors the same way.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import signal
 import sys
@@ -25,18 +24,6 @@ from rlft.errors import RlftError
 from rlft.multirun import clear_failure, record_failure
 
 register_configs()
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def distributed_env_from_slurm() -> None:
@@ -100,8 +87,10 @@ def main(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)
         distributed_env_from_slurm()
-        _quiet_libraries()
+        from rlft.models import quiet_libraries
         from rlft.runner import Runner
+
+        quiet_libraries()
 
         metrics = Runner(cfg, run_dir).run()
     except Interrupted as exc:

@@ -27,6 +27,21 @@ from rlft.errors import ConfigError
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+def quiet_libraries() -> None:
+    """diffusers, transformers and accelerate: errors only, no progress bars (rlft has its own)."""
+    import logging
+
+    import diffusers
+    import transformers
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 class DiffusionPolicy:
     """Tokenizer, text encoder, UNet (trainable), VAE and scheduler config of one pipeline."""
 

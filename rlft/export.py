@@ -1,0 +1,141 @@
+"""`python -m rlft.export <run dir | checkpoint dir> <out dir>`: a finetuned model in diffusers' formats.
+
+    full finetuning  <out>/ is a StableDiffusionPipeline directory (the finetuned UNet, the base
+                     model's other parts, and the scheduler the run sampled with):
+                         pipe = StableDiffusionPipeline.from_pretrained("<out>")
+    LoRA             <out>/pytorch_lora_weights.safetensors, the adapter in the layout (and with
+                     the rank and alpha) that diffusers reads:
+                         pipe = StableDiffusionPipeline.from_pretrained("<base model>")
+                         pipe.load_lora_weights("<out>")
+
+Both write <out>/rlft_export.json: the base model, the checkpoint, and the sampler the run
+trained with (scheduler, steps, eta, guidance scale), which `python -m rlft.sample <out>` reads.
+A run directory exports its latest complete checkpoint. Nothing is unpickled (rlft/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlft import checkpoint as ckpt
+from rlft.errors import RlftError
+
+EXPORT_FILE = "rlft_export.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def find_checkpoint(source: Path) -> Path:
+    """``source`` itself when it is a complete checkpoint, else the latest one of the run it names."""
+    source = Path(source).expanduser()
+    if (source / ckpt.COMPLETE_MARKER).exists():
+        return source
+    if not source.exists():
+        raise RlftError(f"{source} does not exist (name a run directory or one of its checkpoints/epoch_* folders)")
+    done = ckpt.complete_checkpoints(source)
+    if not done:
+        raise RlftError(f"{source} holds no complete checkpoint (checkpoints/epoch_*/{ckpt.COMPLETE_MARKER})")
+    return done[-1]
+
+
+def load_finetuned(source: Path, base: str | None = None):
+    """(policy with the checkpoint's trainable weights, the run's resolved config, the checkpoint).
+    ``base`` replaces the run's model.path (a base model that moved since the run)."""
+    from rlft.config import build
+
+    checkpoint = find_checkpoint(source)
+    marker, trainable, _ = ckpt.read(checkpoint)
+    cfg = OmegaConf.create(marker["config"])
+    if base is not None:
+        cfg.model.path = str(base)
+    elif not Path(cfg.model.path).exists() and str(cfg.model.path).startswith("/"):
+        raise RlftError(
+            f"the run's base model {cfg.model.path} does not exist here; pass --base <its directory or hub id>"
+        )
+    cfg.model.builder = None  # a base model that would have to be built is not the run's base
+    policy = build(cfg.model, "model")
+    try:
+        policy.load_trainable_state_dict(policy.unet, trainable)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise RlftError(f"{checkpoint} does not fit the base model {cfg.model.path}: {e}") from None
+    policy.unet.eval()
+    return policy, cfg, checkpoint
+
+
+def sampler_settings(cfg) -> dict:
+    s = cfg.sampler
+    return {
+        "scheduler": s.scheduler,
+        "num_steps": s.num_steps,
+        "eta": s.eta,
+        "guidance_scale": s.guidance_scale,
+        "negative_prompt": s.negative_prompt,
+        "batch_size": s.batch_size,
+    }
+
+
+def export(source: Path, out: Path, base: str | None = None) -> Path:
+    """Write the finetuned model of ``source`` (run or checkpoint) to ``out``; returns ``out``."""
+    from rlft.models import save_pipeline
+    from rlft.sampling import make_scheduler
+
+    policy, cfg, checkpoint = load_finetuned(source, base)
+    out = Path(out).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise RlftError(f"{out} exists and is not empty; choose a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    scheduler = make_scheduler(cfg.sampler.scheduler, policy.scheduler_config)
+    if policy.finetune == "lora":
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft import get_peft_model_state_dict
+
+        unet = policy.unet
+        config = unet.peft_config["default"]
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+        kind = "lora"
+    else:
+        save_pipeline(out, policy.tokenizer, policy.text_encoder, policy.unet, policy.vae, scheduler)
+        kind = "full"
+    info = {
+        "kind": kind,
+        "base_model": str(cfg.model.path),
+        "checkpoint": str(checkpoint.resolve()),
+        "seed": cfg.seed,
+        "eval_seed": cfg.trainer.eval_seed,
+        "sampler": sampler_settings(cfg),
+        "scheduler_config": dict(scheduler.config),
+    }
+    (out / EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rlft.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="a run directory (its latest checkpoint) or a checkpoint")
+    parser.add_argument("out", type=Path, help="a new directory for the export")
+    parser.add_argument("--base", help="the base model, where it has moved since the run (a directory or hub id)")
+    args = parser.parse_args(argv)
+    from rlft.models import quiet_libraries
+
+    quiet_libraries()
+    try:
+        out = export(args.source, args.out, args.base)
+    except RlftError as e:
+        print(f"rlft.export: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    kind = json.loads((out / EXPORT_FILE).read_text())["kind"]
+    if kind == "lora":
+        print(f"LoRA adapter written to {out / LORA_FILE}; load it with pipe.load_lora_weights({str(out)!r})")
+    else:
+        print(f"pipeline written to {out}; load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    main()

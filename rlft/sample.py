@@ -1,0 +1,198 @@
+"""`python -m rlft.sample <source> prompts=... [key=value ...]`: captioned images from a model.
+
+<source> is a run directory (its latest checkpoint), a checkpoint directory, a directory that
+`python -m rlft.export` wrote, or any diffusers Stable Diffusion directory (hub id or path).
+Images are sampled as the run evaluates: image i of the list (each prompt repeated
+``images_per_prompt`` times) from the noise of generator (seed, EVAL, eval_seed, i)
+(rlft/seeding.py), with the run's sampler. So `rlft.sample <run> prompts=<its evaluation
+prompts>` redraws the run's own evaluation images.
+
+    prompts=...            "a cat|a dog" (separated by |) or a prompt file (.txt, .json, .jsonl, .csv)
+    out=samples            where the PNGs and grid.png go
+    images_per_prompt=1
+    seed, eval_seed, num_steps, eta, guidance_scale, batch_size   (default: the run's, else the
+                                                                    sampler defaults)
+
+The same from Python: ``images, prompts = generate(source, ["a cat"])``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from rlft import checkpoint as ckpt
+from rlft.errors import ConfigError, RlftError
+
+KEYS = {
+    "prompts": str,
+    "out": str,
+    "images_per_prompt": int,
+    "seed": int,
+    "eval_seed": int,
+    "num_steps": int,
+    "eta": float,
+    "guidance_scale": float,
+    "batch_size": int,
+}
+
+
+def _is_run(source: Path) -> bool:
+    return (source / ckpt.COMPLETE_MARKER).exists() or bool(ckpt.complete_checkpoints(source))
+
+
+def load_model(source: str):
+    """(policy, settings): settings holds the sampler, seed and eval_seed the source was trained with."""
+    from rlft.config import SamplerConfig, TrainerConfig
+    from rlft.export import EXPORT_FILE, LORA_FILE, load_finetuned, sampler_settings
+    from rlft.models import DiffusionPolicy
+    from rlft.sampling import make_scheduler
+
+    path = Path(source).expanduser()
+    if path.is_dir() and _is_run(path):
+        policy, cfg, _ = load_finetuned(path)
+        return policy, {**sampler_settings(cfg), "seed": cfg.seed, "eval_seed": cfg.trainer.eval_seed}
+    defaults = SamplerConfig()
+    settings = {
+        "scheduler": defaults.scheduler,
+        "num_steps": defaults.num_steps,
+        "eta": defaults.eta,
+        "guidance_scale": defaults.guidance_scale,
+        "negative_prompt": defaults.negative_prompt,
+        "batch_size": defaults.batch_size,
+        "seed": 0,
+        "eval_seed": TrainerConfig().eval_seed,
+    }
+    export = path / EXPORT_FILE
+    if export.is_file():
+        info = json.loads(export.read_text())
+        settings.update(info["sampler"], seed=info["seed"], eval_seed=info["eval_seed"])
+        if info["kind"] == "lora":  # the base model with the adapter
+            from diffusers import StableDiffusionPipeline
+
+            policy = DiffusionPolicy.from_pretrained(info["base_model"], finetune="full")
+            pipe = StableDiffusionPipeline(
+                vae=policy.vae,
+                text_encoder=policy.text_encoder,
+                tokenizer=policy.tokenizer,
+                unet=policy.unet,
+                scheduler=make_scheduler(settings["scheduler"], policy.scheduler_config),
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+            pipe.load_lora_weights(str(path), weight_name=LORA_FILE)  # into policy.unet
+            policy.unet.eval()
+            return policy, settings
+    policy = DiffusionPolicy.from_pretrained(source, finetune="full")
+    policy.unet.eval()
+    return policy, settings
+
+
+def read_prompts(value: str) -> list[str]:
+    """``a|b`` or a prompt file (rlft.data's formats: one prompt per line or row)."""
+    path = Path(value).expanduser()
+    if path.suffix and path.is_file():
+        from rlft.data import PromptFile
+
+        dataset = PromptFile(str(path))
+        return [dataset[i].text for i in range(len(dataset))]
+    prompts = [p.strip() for p in value.split("|") if p.strip()]
+    if not prompts:
+        raise ConfigError("prompts", "holds no prompt", 'give prompts="a cat|a dog" or a prompt file')
+    return prompts
+
+
+@torch.no_grad()
+def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides):
+    """Images [N, 3, H, W] in [0, 1] and their prompts (each repeated ``images_per_prompt`` times),
+    sampled as the run evaluates (module docstring); ``overrides`` replace the settings' values."""
+    from rlft.sampling import Sampler, make_scheduler
+    from rlft.seeding import EVAL, sample_noise
+
+    policy, settings = load_model(str(source))
+    unknown = set(overrides) - set(KEYS)
+    if unknown:
+        raise ConfigError(sorted(unknown)[0], "unknown setting", f"known: {', '.join(KEYS)}")
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    batch_size = int(settings.pop("batch_size", 8))
+    sampler = Sampler(
+        make_scheduler(settings["scheduler"], policy.scheduler_config),
+        settings["num_steps"],
+        settings["eta"],
+        settings["guidance_scale"],
+    )
+    every = [p for p in prompts for _ in range(images_per_prompt)]
+    negative = policy.encode_prompts([settings["negative_prompt"]])
+    images = []
+    for start in range(0, len(every), batch_size):
+        chunk = every[start : start + batch_size]
+        keys = [(settings["seed"], EVAL, settings["eval_seed"], start + i) for i in range(len(chunk))]
+        traj = sampler.sample(
+            policy.unet,
+            policy.decode,
+            policy.encode_prompts(chunk),
+            negative,
+            policy.latent_shape,
+            sample_noise(keys, sampler.num_steps, policy.latent_shape),
+            lambda lp: lp.mean(dim=(1, 2, 3)),
+        )
+        images.append(traj.images)
+    return torch.cat(images), every
+
+
+def save(images: torch.Tensor, prompts: list[str], out: Path) -> list[Path]:
+    """One PNG per image (NNN.png) and a captioned grid.png in ``out``."""
+    from PIL import Image
+
+    from rlft.loggers import captioned_grid
+    from rlft.rewards.base import to_uint8
+
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, image in enumerate(images):
+        files.append(out / f"{i:03d}.png")
+        Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(files[-1])
+    captioned_grid(images, prompts).save(out / "grid.png")
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    return files
+
+
+def _parse(argv: list[str]) -> tuple[str, dict]:
+    if not argv or "=" in argv[0]:
+        raise RlftError('usage: python -m rlft.sample <run | checkpoint | model dir> prompts="a cat|a dog" [key=value]')
+    values = {}
+    for item in argv[1:]:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise ConfigError(key, "is not a setting of rlft.sample", f"known: {', '.join(KEYS)}")
+        try:
+            values[key] = KEYS[key](value)
+        except ValueError:
+            raise ConfigError(key, f"'{value}' is not a {KEYS[key].__name__}") from None
+    if "prompts" not in values:
+        raise ConfigError("prompts", "is required", 'give prompts="a cat|a dog" or a prompt file')
+    return argv[0], values
+
+
+def main(argv: list[str] | None = None) -> None:
+    from rlft.models import quiet_libraries
+
+    try:
+        source, values = _parse(sys.argv[1:] if argv is None else argv)
+        quiet_libraries()
+        prompts = read_prompts(values.pop("prompts"))
+        out = Path(values.pop("out", "samples"))
+        images, every = generate(source, prompts, values.pop("images_per_prompt", 1), **values)
+        save(images, every, out)
+    except RlftError as e:
+        print(f"rlft.sample: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(f"{len(images)} images of {len(prompts)} prompt(s) written to {out} (grid: {out / 'grid.png'})")
+
+
+if __name__ == "__main__":
+    main()
