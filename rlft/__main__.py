@@ -64,6 +64,18 @@ def _last_checkpoint_line(run_dir: Path) -> str:
     return f"the last checkpoint is {done[-1]}; run the same command to resume from it"
 
 
+def _keep_in_console_log(run_dir: Path, line: str) -> None:
+    """The run's last line in its console.log too, where the directory can take it (a full disk,
+    a read-only one: the line is on stderr anyway)."""
+    from rlft.loggers import append_console
+
+    try:
+        if run_dir.is_dir():
+            append_console(run_dir, line)
+    except OSError:
+        pass
+
+
 def _one_line(exc: Exception, run_dir: Path) -> tuple[str | None, int]:
     """The one-line message and exit code for an error a user can fix; (None, 1) for a crash."""
     if isinstance(exc, RlftError):
@@ -95,6 +107,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = Runner(cfg, run_dir).run()
     except Interrupted as exc:
         print(f"rlft: stopped by {exc}; {_last_checkpoint_line(run_dir)}", file=sys.stderr)
+        _keep_in_console_log(run_dir, f"rlft: stopped by {exc}")
         sys.exit(128 + exc.signum)
     except Exception as exc:  # noqa: BLE001 - each kind gets its one line below; others re-raise
         line, code = _one_line(exc, run_dir)
@@ -103,6 +116,7 @@ def main(cfg: DictConfig) -> float | None:
         if line is None:  # a crash inside a multirun: keep its traceback, run the next job
             line = f"crashed with {type(exc).__name__}: {exc} (traceback in {run_dir / 'error.log'})"
         print(f"rlft: error: {line}", file=sys.stderr)
+        _keep_in_console_log(run_dir, f"rlft: error: {line}")
         if multirun:
             record_failure(run_dir, line, traceback.format_exc())
             return float("nan")  # a sweeper's failed trial (Optuna marks NaN as failed)

@@ -25,6 +25,16 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+CONSOLE_FILE = "console.log"
+
+
+def append_console(run_dir: Path, line: str) -> None:
+    """Append a console line, with its time, to ``<run>/console.log``."""
+    import time
+
+    with open(Path(run_dir) / CONSOLE_FILE, "a") as f:
+        f.write(f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {line}\n")
+
 
 class LocalLogger:
     """metrics.jsonl (one JSON object per logged step) and PNG grids under ``samples/``."""

@@ -44,6 +44,7 @@ from rlft.evaluation import (
     showcase_indices,
     side_by_side,
 )
+from rlft.loggers import append_console
 from rlft.models import DiffusionPolicy
 from rlft.rewards.base import Reward, RewardOutput, to_uint8
 from rlft.sampling import Sampler, Trajectory, make_scheduler
@@ -174,6 +175,13 @@ class _Learner:
         self.train_batch_size = runner.plan.train_batch_size
         self.gradient_accumulation_steps = runner.plan.gradient_accumulation_steps
         self.timesteps_per_forward = runner.cfg.trainer.timesteps_per_forward
+        self.bar = None
+        if runner.cfg.trainer.progress_bar and runner.is_main:
+            self.bar = tqdm(desc=f"epoch {runner.epoch + 1}: training", unit=" backward", leave=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def sample_generator(self, *key: int) -> torch.Generator:
         return seeded_generator(self.r.cfg.seed, TRAIN_SAMPLE, self.r.epoch, *key)
@@ -185,6 +193,8 @@ class _Learner:
         acc = self.r.accelerator
         with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.r.unet):
             acc.backward(loss)
+        if self.bar is not None:
+            self.bar.update()
 
     def step(self) -> float:
         r = self.r
@@ -510,7 +520,11 @@ class Runner:
         metrics.update(self.algorithm.prepare(rollout, comm))
         # TRAINING
         self.unet.train()
-        metrics.update(self.algorithm.update(rollout, _Learner(self)))
+        learner = _Learner(self)
+        try:
+            metrics.update(self.algorithm.update(rollout, learner))
+        finally:
+            learner.close()
         t_trained = time.perf_counter()
         n_images = self.plan.samples_per_process * self.plan.world_size
         metrics.update(
@@ -634,6 +648,7 @@ class Runner:
         self._summarise()
         if self.epoch >= t.epochs and not last:
             self._print(f"run already complete ({self.epoch} epochs); raise trainer.epochs to continue it")
+        self._print(self._where_results_are())
         if self.is_main:
             self.logger.finish()
             self.lock.release()
@@ -670,8 +685,24 @@ class Runner:
         return metrics
 
     def _print(self, message: str) -> None:
+        """A line on the console and in ``<run>/console.log`` (main process)."""
         if self.is_main:
             tqdm.write(message)
+            append_console(self.run_dir, message)
+
+    def _where_results_are(self) -> str:
+        """The run's last line: where its metrics, images and checkpoints are."""
+        d = self.run_dir
+        parts = [f"metrics {d / 'metrics.jsonl'}"]
+        for name, what in (("samples", "training images"), ("eval", "evaluation images"), ("tables", "tables")):
+            if (d / name).is_dir() and any((d / name).iterdir()):
+                parts.append(f"{what} {d / name}")
+        if (d / BEFORE_AFTER_FILE).exists():
+            parts.append(f"before/after {d / BEFORE_AFTER_FILE}")
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            parts.append(f"checkpoint {latest} (python -m rlft.export {d} <dir> makes a diffusers model of it)")
+        return "results: " + "; ".join(parts)
 
 
 class _InlineExecutor:

@@ -74,6 +74,12 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     assert {r["prompt"] for r in table} <= set(PackagedPrompts("simple_animals").prompts)
     wandb_table = next((run / "wandb").glob("offline-run-*/files/media/table/eval/seen/table_8_*.table.json"))
     assert len(json.loads(wandb_table.read_text())["data"]) == 32
+    # the last line says where everything is; the run directory keeps the console's lines
+    last = [line for line in result.stdout.splitlines() if line.strip()][-1]
+    assert last.startswith(f"results: metrics {run / 'metrics.jsonl'}; training images {run / 'samples'}")
+    assert f"checkpoint {run / 'checkpoints' / 'epoch_00008'}" in last
+    console = (run / "console.log").read_text()
+    assert summary in console and console.rstrip().endswith(last)
 
 
 def _strip_perf(rows):
