@@ -125,4 +125,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from rlft.presets import follow_the_reward
+
+    sys.argv[1:], note = follow_the_reward(sys.argv[1:])
+    if note:
+        print(f"rlft: {note}")
     main()

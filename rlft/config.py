@@ -362,3 +362,6 @@ def validate(cfg: DictConfig) -> None:
     _validate_model(cfg.get("model"))
     if not cfg.resume or not str(cfg.resume).strip():
         raise ConfigError("resume", "is empty", "use auto, never or a checkpoint directory")
+    from rlft.presets import check_world
+
+    check_world(cfg)

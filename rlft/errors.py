@@ -35,3 +35,18 @@ class RewardError(RlftError):
     """A reward returned non-finite scores; the run stopped after saving its state."""
 
     exit_code = 3
+
+
+# hub repositories that public code reports as moved, with where to: a message about one that cannot
+# be fetched names the other
+MOVED_REPOS = {
+    "yuvalkirstain/PickScore_v1": "pickapic-anonymous/PickScore_v1",
+    "yuvalkirstain/pickapic_v1": "pickapic-anonymous/pickapic_v1",
+    "yuvalkirstain/pickapic_v1_no_images": "pickapic-anonymous/pickapic_v1",
+}
+
+
+def moved_hint(repo: str, key: str) -> str:
+    """'' or the clause that names a moved repository's new id and the key to set."""
+    new = MOVED_REPOS.get(repo)
+    return f"; '{repo}' is reported moved to '{new}': set {key}={new}" if new else ""

@@ -59,8 +59,14 @@ def test_pickscore_is_exp_logit_scale_times_cosine(tiny_clip):
     with torch.no_grad():
         full = model(pixel_values=pixels["pixel_values"], **tokens)
     a, b = full.image_embeds, full.text_embeds
-    expected = torch.exp(torch.tensor(2.0)) * (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    cosine = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+    expected = torch.exp(torch.tensor(2.0)) * cosine  # the tiny CLIP's logit_scale is 2
     assert torch.allclose(out.scores, expected, atol=1e-5), (out.scores, expected)
+    # scale=cosine: the 0-1 scale PRDP reports (its presets use it)
+    plain = PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), scale="cosine")(images, prompts, [{}] * 3)
+    assert torch.allclose(plain.scores, cosine, atol=1e-6), (plain.scores, cosine)
+    with pytest.raises(ConfigError, match="reward.scale: 'raw' is not one of logit, cosine"):
+        PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), scale="raw")
 
 
 def test_aesthetic_is_the_mlp_on_the_normalised_image_embedding(tiny_clip, tmp_path):
@@ -136,11 +142,14 @@ def test_multi_reward_is_10_pickscore_plus_2_hpsv2_plus_005_aesthetic(tiny_clip,
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         node = compose("config", overrides=overrides).reward
+    assert node.rewards.pickscore.scale == "cosine"  # PRDP's scale: the weights are the paper's
     reward = build(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), "reward")
     images, prompts = _images(seed=7), ["a cat", "a dog on a mat", "blue"]
     out = reward(images, prompts, [{}] * 3)
     parts = {
-        "pickscore": PickScore(path=str(tiny_clip), processor_path=str(tiny_clip))(images, prompts, [{}] * 3).scores,
+        "pickscore": PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), scale="cosine")(
+            images, prompts, [{}] * 3
+        ).scores,
         "hpsv2": HPSv2(path=str(checkpoint), arch=str(arch))(images, prompts, [{}] * 3).scores,
         "aesthetic": Aesthetic(mlp_path=str(tmp_path / "mlp.pth"), clip_path=str(tiny_clip))(
             images, prompts, [{}] * 3

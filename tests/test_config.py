@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 
 from rlft.config import register_configs, validate
 from rlft.errors import ConfigError
+from rlft.presets import follow_the_reward
 from tests.conftest import REPO, run_cli_batch
 
 CONF = REPO / "conf"
@@ -26,11 +27,16 @@ def _options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_and_validates(group, tmp_path):
+    """Each option as the command line composes it (rlft/presets.py: a natural-image reward brings its
+    paper setting), on a model of its world (Stable Diffusion with a reward that judges any image)."""
     (tmp_path / "p.txt").write_text("a cat\n")
     for option in _options(group):
         overrides = [f"{group}={option}"]
         if group == "dataset" and option == "file":
             overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
+        if group == "model" and option in ("sd14", "sd15"):
+            overrides.append("reward=jpeg_compressibility")
+        overrides, _ = follow_the_reward(overrides)
         cfg = _compose(overrides)
         from hydra.core.hydra_config import HydraConfig
 
@@ -151,7 +157,17 @@ BAD_INPUTS = [
     (["reward=pickscore"], ["reward.processor_path: cannot load 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'"], 2),
     (["reward=aesthetic"], ["reward.mlp_path: aesthetic predictor weights", "set reward.mlp_path"], 2),
     (["reward=hpsv2"], ["reward.path: cannot fetch 'HPS_v2_compressed.pt' from the hub repo 'xswu/HPSv2'"], 2),
-    (["reward=multi_reward"], ["reward.rewards.pickscore.processor_path: cannot load"], 2),
+    (
+        ["reward=multi_reward"],  # PRDP's multi-reward preset: the Pick-a-Pic v1 training prompts first
+        [
+            "dataset.path: cannot fetch ['data/train-*.parquet'] of the hub dataset "
+            "'yuvalkirstain/pickapic_v1_no_images'",
+            "reported moved to 'pickapic-anonymous/pickapic_v1': set dataset.repo=",
+        ],
+        2,
+    ),
+    (["reward=hpsv2", "model=toy"], ["model: HPSv2 scores natural images", "drop model=toy"], 2),
+    (["model=sd14"], ["reward: ToyAlignment judges the toy world's scenes", "use model=toy"], 2),
     (["algorithm=ddpo", "dataset=parti"], ["dataset.path: cannot fetch ['PartiPrompts.tsv'] of the hub dataset"], 2),
     (
         ["+dataset@eval_datasets.drawbench=drawbench"],
@@ -209,3 +225,46 @@ def test_wandb_sweep_files_are_valid_and_their_commands_compose(path):
         if key in ("algorithm", "model", "reward", "dataset"):
             continue  # group choices, checked by composing
         assert OmegaConf.select(cfg, key) == _sample_value(spec), key
+
+
+def _paper_config(*overrides: str):
+    args, note = follow_the_reward(list(overrides))
+    cfg = _compose(args)
+    return cfg, note
+
+
+def test_the_headline_command_is_prdps_paper_setting_on_sd14():
+    """`python -m rlft algorithm=prdp reward=hpsv2` is PRDP's small-scale setting (Deng et al. 2024,
+    Table 4): SD v1.4 full UNet, DDPM 50, CFG 5, 45 animals, E 100, N 32, B 16, K 10, beta 3e-5,
+    eps 1e-6, AdamW lr 1e-5, weight decay 1e-4."""
+    cfg, note = _paper_config("algorithm=prdp", "reward=hpsv2")
+    assert note == "reward=hpsv2 scores natural images: running experiment=prdp_small_hpsv2 (set model=... to choose)"
+    assert cfg.model.path == "CompVis/stable-diffusion-v1-4" and cfg.model.finetune == "full"
+    assert cfg.reward._target_ == "rlft.rewards.hps.HPSv2" and cfg.algorithm._target_ == "rlft.algorithms.prdp.PRDP"
+    a, t = cfg.algorithm, cfg.trainer
+    assert (a.beta, a.clip_range, a.num_inner_epochs) == (3e-5, 1e-6, 10)
+    assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-5, 1e-4)
+    assert (cfg.sampler.scheduler, cfg.sampler.num_steps, cfg.sampler.guidance_scale) == ("ddpm", 50, 5.0)
+    assert (t.epochs, t.prompts_per_epoch, t.images_per_prompt) == (100, 32, 16)
+    assert cfg.dataset.name == "simple_animals" and cfg.dataset.template == "A painting of a {}"
+    # the default algorithm is PRDP, so the reward alone means the same
+    assert _paper_config("reward=hpsv2")[0].algorithm.beta == 3e-5
+    # DDPO's own preset where one exists; Stable Diffusion with the animal prompts where none does
+    assert _paper_config("algorithm=ddpo", "reward=aesthetic")[1].endswith(
+        "experiment=ddpo_aesthetic (set model=... to choose)"
+    )
+    cfg, note = _paper_config("algorithm=ddpo", "reward=hpsv2")
+    assert "model=sd14 dataset=animals45" in note and cfg.model.path == "CompVis/stable-diffusion-v1-4"
+    # what the user names is kept: a model, an experiment, a toy or any-image reward
+    for given in (["reward=hpsv2", "model=toy"], ["experiment=prdp_large_hpsv2"], ["reward=jpeg_compressibility"], []):
+        assert follow_the_reward(given) == (given, None)
+
+
+def test_pickscore_presets_use_prdps_scale():
+    for preset in ("prdp_small_pickscore", "prdp_large_pickscore"):
+        assert _compose([f"experiment={preset}"]).reward.scale == "cosine"
+    multi = _compose(["experiment=prdp_multi_reward"])
+    assert multi.reward.rewards.pickscore.scale == "cosine" and multi.dataset.name == "pickapic"
+    assert _compose(["reward=pickscore", "model=sd14"]).reward.scale == "logit"  # PickScore's own, by default
+    ddpo = _compose(["experiment=ddpo_compressibility"])
+    assert ddpo.model.path == "CompVis/stable-diffusion-v1-4" and ddpo.trainer.gradient_accumulation_steps == 2

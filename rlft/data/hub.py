@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlft.data import Prompt, PromptDataset, prompts_from_rows, read_rows
-from rlft.errors import ConfigError
+from rlft.errors import ConfigError, moved_hint
 
 
 class HubPrompts(PromptDataset):
@@ -75,7 +75,7 @@ class HubPrompts(PromptDataset):
                 "dataset.path",
                 f"cannot fetch {list(files)} of the hub dataset '{repo}' ({detail})",
                 "download them and set dataset.path to the file or folder, or fill the Hugging Face cache "
-                "and set HF_HUB_OFFLINE=1",
+                "and set HF_HUB_OFFLINE=1" + moved_hint(repo, "dataset.repo"),
             ) from None
         return self._match(Path(root), files, f"hub dataset {repo}")
 

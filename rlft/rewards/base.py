@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from rlft.config import build
-from rlft.errors import ConfigError
+from rlft.errors import ConfigError, moved_hint
 
 
 @dataclass
@@ -39,6 +39,7 @@ class Reward:
 
     name: str = "reward"
     gives_maps: bool = False  # True when score() returns per-pixel maps
+    world: str | None = None  # "natural" or "toy": the images it judges (rlft/presets.py); None: any
 
     def score(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> RewardOutput:
         raise NotImplementedError
@@ -178,4 +179,5 @@ def load_pretrained(loader, path: str, key: str, **kwargs):
         return loader.from_pretrained(str(local) if local.exists() else path, **kwargs)
     except OSError as exc:
         detail = str(exc).splitlines()[0]
-        raise ConfigError(key, f"cannot load '{path}': {detail}", OFFLINE_HINT.format(key=key)) from None
+        hint = OFFLINE_HINT.format(key=key) + moved_hint(path, key)
+        raise ConfigError(key, f"cannot load '{path}': {detail}", hint) from None

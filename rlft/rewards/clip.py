@@ -45,6 +45,8 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class _ClipReward(Reward):
     """Shared: the image processor (PIL backend), dtype, device and batching of the inputs."""
 
+    world = "natural"  # rlft/presets.py
+
     def __init__(self, processor_path: str, processor_key: str, dtype: str, batch_size: int):
         from transformers import AutoImageProcessor
 
@@ -74,17 +76,32 @@ class _ClipReward(Reward):
 
 
 class PickScore(_ClipReward):
+    """PickScore on one of two scales (``scale``):
+
+        logit    exp(logit_scale) * cos(image, text)   (Kirstain et al. 2023; ~21 for SD images)
+        cosine   cos(image, text)                      (the 0-1 scale PRDP reports, Table 2: 0.2092 -> 0.2424)
+
+    The scale is a constant factor (exp(logit_scale) = 100 in the published weights), so it changes
+    nothing but the reward's size: a PRDP beta or a weighted sum tuned on one scale is ~100x off on
+    the other."""
+
     name = "pickscore"
 
     def __init__(
         self,
         path: str = "yuvalkirstain/PickScore_v1",
         processor_path: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+        scale: str = "logit",
         dtype: str = "float32",
         batch_size: int = 32,
     ):
         from transformers import AutoModel, AutoTokenizer
 
+        if scale not in ("logit", "cosine"):
+            raise ConfigError(
+                "reward.scale", f"'{scale}' is not one of logit, cosine", "cosine is the 0-1 scale PRDP reports"
+            )
+        self.scale = scale
         super().__init__(processor_path, "reward.processor_path", dtype, batch_size)
         self.tokenizer = load_pretrained(AutoTokenizer, processor_path, "reward.processor_path")
         self.model = load_pretrained(AutoModel, path, "reward.path").eval().requires_grad_(False).to(self.dtype)
@@ -98,7 +115,7 @@ class PickScore(_ClipReward):
         image_embeds = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output.float()
         text_embeds = self.model.get_text_features(**text).pooler_output.float()
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
-        return self.model.logit_scale.float().exp() * cosine
+        return cosine if self.scale == "cosine" else self.model.logit_scale.float().exp() * cosine
 
 
 class AestheticMLP(nn.Module):
@@ -180,6 +197,7 @@ class _FeaturesAsTensors(nn.Module):
 class ClipScore(Reward):
     """CLIPScore (Hessel et al. 2021) through torchmetrics: 100 * max(cos(E_img(x), E_txt(c)), 0)."""
 
+    world = "natural"  # rlft/presets.py: the images it judges
     name = "clipscore"
 
     def __init__(self, path: str = "openai/clip-vit-large-patch14", dtype: str = "float32"):

@@ -67,6 +67,7 @@ def open_clip_architecture(arch: str) -> str:
 class HPSv2(Reward):
     """HPSv2 (``version=v2.0``) or HPSv2.1 (``version=v2.1``): cos(image, text) of the HPS CLIP."""
 
+    world = "natural"  # rlft/presets.py: the images it judges
     name = "hpsv2"
 
     def __init__(

@@ -23,6 +23,7 @@ from rlft.rewards.base import Reward, RewardOutput, load_pretrained
 class Segmentation(Reward):
     """Per-pixel probability of ``target_class`` (a label name of the model, or its index)."""
 
+    world = "natural"  # rlft/presets.py: the images it judges
     name = "segmentation"
     gives_maps = True
 

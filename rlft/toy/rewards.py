@@ -266,6 +266,7 @@ def _default_relation_centre(relation: str, k: int, size: int) -> tuple[float, f
 class ToyAlignment(Reward):
     """Does the image show the scene its toy prompt describes? (see the module docstring)"""
 
+    world = "toy"  # rlft/presets.py: the images it judges
     name = "toy_alignment"
     gives_maps = True
 
