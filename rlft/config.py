@@ -237,6 +237,8 @@ def validate_component(group: str, node: DictConfig) -> None:
             f"is the plain value {node!r}, not a component",
             f"choose an option of its config group with {option}={node}",
         )
+    if OmegaConf.is_missing(node, "_target_"):  # reward=custom, algorithm=custom
+        raise ConfigError(f"{group}._target_", "is required but not set", f"set {group}._target_=<module.Class>")
     target_path = node.get("_target_")
     if not target_path:
         raise ConfigError(group, "has no _target_", f"choose an option of the '{group}' group")
@@ -256,10 +258,11 @@ def validate_component(group: str, node: DictConfig) -> None:
         known = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
         detail = _short(exc)
         if isinstance(exc, ConfigKeyError):
+            own = f"; a class of your own takes only its own keys: {group}=custom {group}._target_=..."
             raise ConfigError(
                 f"{group}.{key}",
                 f"unknown key for {target_path}",
-                f"known keys: {', '.join(known)}",
+                f"known keys: {', '.join(known)}" + (own if group in ("reward", "algorithm") else ""),
             ) from None
         raise ConfigError(f"{group}.{key}", detail) from None
     missing = OmegaConf.missing_keys(merged)

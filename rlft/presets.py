@@ -41,7 +41,7 @@ def _choices(overrides: list[str]) -> dict[str, str]:
 
 def reward_world(target: str) -> str | None:
     """'natural', 'toy', or None (any image) for a reward class's dotted path."""
-    if not target:
+    if not target or "." not in target or target == "???":  # reward=custom: not set yet
         return None
     try:
         return getattr(get_class(target), "world", None)

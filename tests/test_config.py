@@ -36,6 +36,11 @@ def test_every_option_composes_and_validates(group, tmp_path):
             overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
         if group == "model" and option in ("sd14", "sd15"):
             overrides.append("reward=jpeg_compressibility")
+        if option == "custom":  # a class of your own (README "Extend rlft"): here one of rlft's
+            overrides.append(
+                f"{group}._target_="
+                + {"reward": "rlft.rewards.jpeg.JpegCompressibility", "algorithm": "rlft.algorithms.ddpo.DDPO"}[group]
+            )
         overrides, _ = follow_the_reward(overrides)
         cfg = _compose(overrides)
         from hydra.core.hydra_config import HydraConfig
