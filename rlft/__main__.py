@@ -98,6 +98,11 @@ def main(cfg: DictConfig) -> float | None:
         clear_failure(run_dir)
     try:
         validate(cfg)
+        from rlft.preflight import preflight
+
+        note = preflight(cfg)  # every file the run needs, before any weights load
+        if note:
+            print(f"rlft: {note}")
         distributed_env_from_slurm()
         from rlft.models import quiet_libraries
         from rlft.runner import Runner

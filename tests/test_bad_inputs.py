@@ -115,6 +115,9 @@ def _cases(ws: Workspace) -> dict[str, tuple[list[str], str]]:
     def hps(path):
         return ["reward=hpsv2", f"reward.arch={ws.hps_arch()}", f"reward.path={path}"]
 
+    def aesthetic(mlp):  # the CLIP directory exists (the pre-flight passes); the MLP is read first
+        return ["reward=aesthetic", f"reward.mlp_path={mlp}", f"reward.clip_path={ws.tiny_path}"]
+
     def pxpo_map(path):
         row = json.dumps({"prompt": "cat", "feedback_map": str(path)})
         return ["algorithm=pxpo", "reward=feedback_map", *prompts(f(f"map_{path.name}.jsonl", row))]
@@ -169,8 +172,8 @@ def _cases(ws: Workspace) -> dict[str, tuple[list[str], str]]:
         "hps checkpoint garbage": (hps(f("garbage.pt", b"not a torch file")), "garbage.pt"),
         "hps checkpoint of another model": (hps(ws.other_state()), "other.pt"),
         "hps checkpoint with a payload": (hps(ws.payload("payload_hps.pt")), "payload_hps.pt"),
-        "aesthetic mlp garbage": (["reward=aesthetic", f"reward.mlp_path={f('mlp.pth', b'junk')}"], "mlp.pth"),
-        "aesthetic mlp with a payload": (["reward=aesthetic", f"reward.mlp_path={ws.payload('mlp_p.pt')}"], "mlp_p.pt"),
+        "aesthetic mlp garbage": (aesthetic(f("mlp.pth", b"junk")), "mlp.pth"),
+        "aesthetic mlp with a payload": (aesthetic(ws.payload("mlp_p.pt")), "mlp_p.pt"),
         # feedback maps
         "map not an image": (pxpo_map(f("map.png", b"not a png")), "map.png"),
         "map missing": (pxpo_map(ws.root / "nomap.png"), "nomap.png"),

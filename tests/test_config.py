@@ -152,34 +152,46 @@ BAD_INPUTS = [
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
-    (["model.path=/nonexistent/sd", "model.builder=null"], ["model.path: '/nonexistent/sd' does not exist"], 2),
+    (
+        ["model.path=/nonexistent/sd", "model.builder=null"],
+        ["1 of the files this run needs are missing: model.path: diffusion pipeline '/nonexistent/sd' does not exist"],
+        2,
+    ),
     (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "@eval_datasets.unseen="], 2),
     (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
     (["algorithm=prdp", "trainer.images_per_prompt=1"], ["PRDP compares images of the same prompt"], 2),
     (["algorithm=pxpo", "reward=jpeg_compressibility"], ["PXPO needs per-pixel reward maps", "broadcast_scalar"], 2),
     (["experiment=pxpo_feedback"], ["dataset.path: is required but not set"], 2),
-    (["reward=pickscore"], ["reward.processor_path: cannot load 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'"], 2),
-    (["reward=aesthetic"], ["reward.mlp_path: aesthetic predictor weights", "set reward.mlp_path"], 2),
-    (["reward=hpsv2"], ["reward.path: cannot fetch 'HPS_v2_compressed.pt' from the hub repo 'xswu/HPSv2'"], 2),
+    # offline with an empty cache (the tests' HF_HUB_OFFLINE=1): every missing file in one line (rlft/preflight.py)
     (
-        ["reward=multi_reward"],  # PRDP's multi-reward preset: the Pick-a-Pic v1 training prompts first
+        ["reward=pickscore"],
         [
-            "dataset.path: cannot fetch ['data/train-*.parquet'] of the hub dataset "
-            "'yuvalkirstain/pickapic_v1_no_images'",
-            "reported moved to 'pickapic-anonymous/pickapic_v1': set dataset.repo=",
+            "3 of the files this run needs are missing (HF_HUB_OFFLINE=1): model.path: diffusion pipeline "
+            "'CompVis/stable-diffusion-v1-4' is not in the Hugging Face cache; reward.path: PickScore model",
+            "reward.processor_path: CLIP processor and tokenizer 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K'",
+            "reported moved to 'pickapic-anonymous/PickScore_v1': set reward.path=pickapic-anonymous/PickScore_v1",
+        ],
+        2,
+    ),
+    (["reward=aesthetic"], ["reward.mlp_path: aesthetic predictor weights", "reward.clip_path: CLIP ViT-L/14"], 2),
+    (["reward=hpsv2"], ["reward.path: HPS checkpoint 'xswu/HPSv2' is not in the Hugging Face cache"], 2),
+    (
+        ["reward=multi_reward"],  # PRDP's multi-reward preset: the Pick-a-Pic v1 training prompts
+        [
+            "dataset.path: prompt files 'yuvalkirstain/pickapic_v1_no_images' is not in the Hugging Face cache",
+            "reported moved to 'pickapic-anonymous/pickapic_v1': set dataset.repo=pickapic-anonymous/pickapic_v1",
+            "reward.rewards.pickscore.path",
+            "reward.rewards.hpsv2.path",
+            "reward.rewards.aesthetic.mlp_path",
         ],
         2,
     ),
     (["reward=hpsv2", "model=toy"], ["model: HPSv2 scores natural images", "drop model=toy"], 2),
     (["model=sd14"], ["reward: ToyAlignment judges the toy world's scenes", "use model=toy"], 2),
-    (["algorithm=ddpo", "dataset=parti"], ["dataset.path: cannot fetch ['PartiPrompts.tsv'] of the hub dataset"], 2),
-    (
-        ["+dataset@eval_datasets.drawbench=drawbench"],
-        ["eval_datasets.drawbench.path: cannot fetch", "set eval_datasets.drawbench.path to"],
-        2,
-    ),
-    (["reward=hpsv2_1"], ["reward.path: cannot fetch 'HPS_v2.1_compressed.pt'", "HF_HUB_OFFLINE=1"], 2),
+    (["algorithm=ddpo", "dataset=parti"], ["dataset.path: prompt files 'nateraw/parti-prompts' is not in the"], 2),
+    (["+dataset@eval_datasets.drawbench=drawbench"], ["eval_datasets.drawbench.path: prompt files"], 2),
+    (["reward=hpsv2_1"], ["reward.path: HPS checkpoint 'xswu/HPSv2'", "HF_HUB_OFFLINE=1"], 2),
 ]
 
 

@@ -111,4 +111,7 @@ def test_offline_run_from_a_populated_hub_cache(cache_dir, tmp_path):
 
     empty = run_cli(args, cache_dir, env={"HF_HUB_CACHE": str(tmp_path / "empty")})
     assert empty.returncode == 2 and "Traceback" not in empty.stderr, empty.stderr[-3000:]
-    assert "dataset.path: cannot fetch ['train.json'] of the hub dataset 'ymhao/HPDv2'" in empty.stderr
+    assert "3 of the files this run needs are missing (HF_HUB_OFFLINE=1)" in empty.stderr, empty.stderr[-3000:]
+    assert "reward.path: HPS checkpoint 'xswu/HPSv2' is not in the Hugging Face cache" in empty.stderr
+    assert "dataset.path: prompt files 'ymhao/HPDv2' is not in the Hugging Face cache" in empty.stderr
+    assert "eval_datasets.anime.path: prompt files 'zhwang/HPDv2'" in empty.stderr
