@@ -129,10 +129,15 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("eval/reward/mean", metrics.get("reward/mean"))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m rlft` and the `rlft` command: the command line as rlft/presets.py reads it, then Hydra."""
     from rlft.presets import follow_the_reward
 
     sys.argv[1:], note = follow_the_reward(sys.argv[1:])
     if note:
         print(f"rlft: {note}")
     main()
+
+
+if __name__ == "__main__":
+    cli()
