@@ -24,8 +24,11 @@ install: $(STAMP) ## create .venv with torch + torchvision (override TORCH="torc
 demo: $(STAMP) ## run the embedded default finetuning (CPU, offline, a few minutes)
 	$(BIN)/python -m rlft run_name=demo-$$(date +%Y%m%d-%H%M%S)
 
-test: $(STAMP) ## run the test suite (offline, CPU)
-	$(BIN)/python -m pytest -q
+# the suite in JOBS worker processes (pytest-xdist, one test file per worker at a time), one thread
+# each unless OMP_NUM_THREADS says otherwise: about 8 min on 2 cores (JOBS=1: one process)
+JOBS ?= 2
+test: $(STAMP) ## run the test suite (offline, CPU; JOBS=2 workers)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check rlft tests
