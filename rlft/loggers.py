@@ -212,9 +212,10 @@ def _plain(value: Any) -> Any:
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] in [0, 1] -> PIL RGB."""
-    array = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)
+    """[3, H, W] floats in [0, 1], or uint8 in [0, 255] (evaluation showcase images) -> PIL RGB."""
+    if image.dtype != torch.uint8:
+        image = (image.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
 
 
 def overlay_maps(images: torch.Tensor, maps: torch.Tensor, alpha: float = 0.6) -> torch.Tensor:
