@@ -66,16 +66,12 @@ def load_finetuned(source: Path, base: str | None = None):
     return policy, cfg, checkpoint
 
 
-def sampler_settings(cfg) -> dict:
-    s = cfg.sampler
-    return {
-        "scheduler": s.scheduler,
-        "num_steps": s.num_steps,
-        "eta": s.eta,
-        "guidance_scale": s.guidance_scale,
-        "negative_prompt": s.negative_prompt,
-        "batch_size": s.batch_size,
-    }
+SAMPLER_KEYS = ("scheduler", "num_steps", "eta", "guidance_scale", "negative_prompt", "batch_size")
+
+
+def sampler_settings(sampler) -> dict:
+    """The sampler's settings (a run's ``cfg.sampler``, or ``SamplerConfig()`` for its defaults)."""
+    return {key: getattr(sampler, key) for key in SAMPLER_KEYS}
 
 
 def export(source: Path, out: Path, base: str | None = None) -> Path:
@@ -109,7 +105,7 @@ def export(source: Path, out: Path, base: str | None = None) -> Path:
         "checkpoint": str(checkpoint.resolve()),
         "seed": cfg.seed,
         "eval_seed": cfg.trainer.eval_seed,
-        "sampler": sampler_settings(cfg),
+        "sampler": sampler_settings(cfg.sampler),
         "scheduler_config": dict(scheduler.config),
     }
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=1, default=str))

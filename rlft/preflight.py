@@ -162,7 +162,8 @@ def preflight(cfg: DictConfig) -> str | None:
     """Raise RlftError naming every missing item; returns a note when the run goes on offline."""
     items = needs(cfg)
     by_choice = _offline()
-    online = not by_choice and any(not n.local for n in items) and hub_reachable()
+    from_hub = any(not n.local for n in items)
+    online = not by_choice and from_hub and hub_reachable()
     absent = missing(items, online)
     if absent:
         hub = any(is_hub for _, is_hub in absent)
@@ -175,7 +176,7 @@ def preflight(cfg: DictConfig) -> str | None:
             + "; ".join(phrase for phrase, _ in absent)
             + f". {fix}"
         )
-    if not online and not by_choice and any(not n.local for n in items):
+    if from_hub and not online and not by_choice:
         go_offline()
         return "the hub cannot be reached: running offline from the Hugging Face cache (HF_HUB_OFFLINE=1)"
     return None

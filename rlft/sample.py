@@ -54,18 +54,8 @@ def load_model(source: str):
     path = Path(source).expanduser()
     if path.is_dir() and _is_run(path):
         policy, cfg, _ = load_finetuned(path)
-        return policy, {**sampler_settings(cfg), "seed": cfg.seed, "eval_seed": cfg.trainer.eval_seed}
-    defaults = SamplerConfig()
-    settings = {
-        "scheduler": defaults.scheduler,
-        "num_steps": defaults.num_steps,
-        "eta": defaults.eta,
-        "guidance_scale": defaults.guidance_scale,
-        "negative_prompt": defaults.negative_prompt,
-        "batch_size": defaults.batch_size,
-        "seed": 0,
-        "eval_seed": TrainerConfig().eval_seed,
-    }
+        return policy, {**sampler_settings(cfg.sampler), "seed": cfg.seed, "eval_seed": cfg.trainer.eval_seed}
+    settings = {**sampler_settings(SamplerConfig()), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     export = path / EXPORT_FILE
     if export.is_file():
         info = json.loads(export.read_text())
