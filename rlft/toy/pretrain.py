@@ -17,8 +17,18 @@ prompts only (the unseen split is never shown):
    latent channels, because four blur squares into circles and shift colours) on them,
    encode every image, and set ``scaling_factor`` = 1 / std(latents);
 3. train a word-level CLIP text encoder and a UNet2DConditionModel jointly with
-   the epsilon-prediction loss of Stable Diffusion, 10% of prompts dropped to ""
-   for classifier-free guidance, with an exponential moving average of weights.
+   the v-prediction loss, 10% of prompts dropped to "" for classifier-free
+   guidance, with an exponential moving average of weights.
+
+The noise schedule is Stable Diffusion's scaled-linear betas rescaled to a zero
+terminal SNR, sampled with "trailing" timesteps (Lin et al., "Common Diffusion
+Noise Schedules and Sample Steps are Flawed", WACV 2024, sections 3.1-3.3; v-prediction
+because epsilon cannot be predicted at SNR 0). With SD's own schedule, x_T keeps
+sqrt(abar_T) = 0.068 of the image; on an 8x8x8 latent that leak is enough to read
+where the object is, so a model trained on it places objects by the noise and
+ignores "in the top right corner": the previous toy model's place sub-score was
+0.18 (chance 0.11), and 1,500 steps of this loss on it raised it to 0.72
+(experiments/README.md, "The toy model").
 
 Everything is seeded; on one machine with the same thread count the same
 arguments give the same weights (tests/test_toy.py runs a few steps twice).
@@ -138,6 +148,21 @@ def build_models(tokenizer, seed: int):
     return text_encoder, vae, unet
 
 
+def toy_scheduler():
+    """The toy model's schedule: SD's betas rescaled to zero terminal SNR, trailing timesteps,
+    v-prediction (a DDIM scheduler; ``sampler=ddpm`` reads the same config)."""
+    from diffusers import DDIMScheduler
+
+    from rlft.models import sd_scheduler
+
+    return DDIMScheduler.from_config(
+        sd_scheduler().config,
+        rescale_betas_zero_snr=True,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+    )
+
+
 def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     """``n`` rendered train-split scenes, half single-object and half two-object  ([n,3,32,32] in [-1,1], texts)."""
     rng = np.random.default_rng(seed)
@@ -245,8 +270,9 @@ def reconstruction_accuracy(vae, images: torch.Tensor, latents: torch.Tensor) ->
 def train_denoiser(
     text_encoder, unet, scheduler, latents, ids, empty_ids, steps, batch, lr, seed, log, work=None
 ) -> float:
-    """Stable Diffusion's loss ||eps - eps_theta(sqrt(abar) z + sqrt(1 - abar) eps, t, c)||^2, text encoder
-    and UNet trained together; prompts dropped to "" with probability 0.1; EMA(0.999) of both."""
+    """The diffusion loss ||y - f_theta(sqrt(abar) z + sqrt(1 - abar) eps, t, c)||^2 with the scheduler's
+    target y: v = sqrt(abar) eps - sqrt(1 - abar) z (v-prediction, Salimans & Ho 2022) or eps; text
+    encoder and UNet trained together; prompts dropped to "" with probability 0.1; EMA(0.999) of both."""
     from diffusers.training_utils import EMAModel
 
     params = list(text_encoder.parameters()) + list(unet.parameters())
@@ -265,6 +291,7 @@ def train_denoiser(
     text_encoder.train()
     unet.train()
     abar = scheduler.alphas_cumprod
+    v_prediction = scheduler.config.prediction_type == "v_prediction"
     for step in range(start, steps):
         g = _step_generator(seed, UNET_STAGE, step)
         for group in opt.param_groups:
@@ -277,7 +304,8 @@ def train_denoiser(
         a = abar[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         pred = unet(zt, t, text_encoder(tokens)[0]).sample
-        loss = F.mse_loss(pred, eps)
+        target = a.sqrt() * eps - (1 - a).sqrt() * z0 if v_prediction else eps
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -310,15 +338,18 @@ def pretrain(
     out: str,
     images: int = 96_000,
     vae_steps: int = 2500,
-    unet_steps: int = 8000,
+    unet_steps: int = 12000,
     batch: int = 64,
     seed: int = 0,
     log=print,
     work: str | None = None,
+    vae_from: str | None = None,
 ) -> dict:
     """All three stages; writes the pipeline to ``out`` and returns a summary (also saved as pretrain.json).
-    ``work`` (default ``<out>.work``) keeps the resumable state; it is removed when the pipeline is written."""
-    from rlft.models import save_pipeline, sd_scheduler
+    ``work`` (default ``<out>.work``) keeps the resumable state; it is removed when the pipeline is written.
+    ``vae_from``: a toy pipeline directory whose VAE replaces stage 2 (an earlier run of the same
+    stage: same images, steps and seed), recorded in the summary."""
+    from rlft.models import save_pipeline
 
     start = time.time()
     work_dir = Path(work) if work is not None else Path(str(out).rstrip("/") + ".work")
@@ -332,11 +363,17 @@ def pretrain(
 
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer, seed)
-    scheduler = sd_scheduler()
+    scheduler = toy_scheduler()
     pixels, texts = render_dataset(images, seed)
     log_and_clock(f"rendered {len(texts)} scenes in {time.time() - start:.0f} s")
     vae_done = work_dir / "vae_final.pt"
-    if vae_done.is_file():
+    if vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval()
+        vae_loss = float(json.loads((Path(vae_from) / "pretrain.json").read_text())["vae_loss"])
+        log_and_clock(f"vae: taken from {vae_from}")
+    elif vae_done.is_file():
         state = torch.load(vae_done, weights_only=True)
         vae.load_state_dict(state["vae"])
         vae_loss = state["loss"]
@@ -361,6 +398,7 @@ def pretrain(
     summary = {
         "images": images,
         "vae_steps": vae_steps,
+        "vae_from": vae_from,
         "unet_steps": unet_steps,
         "batch": batch,
         "seed": seed,
@@ -373,6 +411,7 @@ def pretrain(
             "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
         },
         "latent_channels": LATENT_CHANNELS,
+        "schedule": "scaled_linear, zero terminal SNR, trailing, v_prediction",
         "wall_s": round(earlier + time.time() - start, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -390,11 +429,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     parser.add_argument("--images", type=int, default=96_000)
     parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--unet-steps", type=int, default=8000)
+    parser.add_argument("--unet-steps", type=int, default=12000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory (an earlier run's)")
     args = parser.parse_args()
-    pretrain(args.out, args.images, args.vae_steps, args.unet_steps, args.batch, args.seed)
+    pretrain(args.out, args.images, args.vae_steps, args.unet_steps, args.batch, args.seed, vae_from=args.vae_from)
 
 
 if __name__ == "__main__":
