@@ -61,26 +61,18 @@ MODELS = {
 
 
 def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int) -> dict[str, float]:
-    from rlft.sampling import Sampler, make_scheduler
+    from rlft.sampling import DDIM
 
     device = policy.unet.device
-    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), steps, 1.0, 5.0)
-    embeds = policy.encode_prompts([prompt] * batch)
-    neg = policy.encode_prompts([""])
+    sampler = DDIM(steps, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+    cond = policy.encode([prompt] * batch)
+    embeds, neg = cond.inputs["encoder_hidden_states"], cond.negative["encoder_hidden_states"]
     unet = policy.unet.eval()
 
     def ours():
-        sampler.sample(
-            unet,
-            policy.decode,
-            embeds,
-            neg,
-            policy.latent_shape,
-            torch.Generator().manual_seed(0),
-            lambda lp: lp.mean(dim=(1, 2, 3)),
-        )
+        sampler.sample(policy, cond, torch.Generator().manual_seed(0), lambda lp: lp.mean(dim=(1, 2, 3)))
 
-    scheduler = make_scheduler("ddim", policy.scheduler_config)
+    scheduler = sampler.make_scheduler(policy.scheduler_config)
     scheduler.set_timesteps(steps)
 
     @torch.no_grad()

@@ -2,11 +2,11 @@
 
 Two layers of typing, both checked at start-up before any model loads:
 
-* The run-level schema (:class:`RunConfig` with :class:`TrainerConfig` and
-  :class:`SamplerConfig`) is a Hydra structured config: Hydra itself rejects an
-  unknown key or a value of the wrong type while composing.
-* Plug-in groups (``model``, ``reward``, ``algorithm``, ``dataset``, each
-  entry of ``eval_datasets``, ``logger``, ``optimizer``) are ``_target_`` nodes. Their
+* The run-level schema (:class:`RunConfig` with :class:`TrainerConfig`) is a
+  Hydra structured config: Hydra itself rejects an unknown key or a value of
+  the wrong type while composing.
+* Plug-in groups (``model``, ``reward``, ``algorithm``, ``sampler``, ``dataset``,
+  each entry of ``eval_datasets``, ``logger``, ``optimizer``) are ``_target_`` nodes. Their
   schema is the target's signature: :func:`validate_component` builds a
   dataclass from it and merges the node into it, so a key the target does not
   accept or a value of the wrong type fails naming the key ("airtight"
@@ -32,7 +32,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from rlft.errors import ConfigError, RlftError
 
-COMPONENT_GROUPS = ("model", "reward", "algorithm", "dataset", "logger", "optimizer")
+COMPONENT_GROUPS = ("model", "reward", "algorithm", "sampler", "dataset", "logger", "optimizer")
 # evaluation sets: a named dict filled from the dataset group, dataset@eval_datasets.<name>=<option>
 EVAL_DATASETS = "eval_datasets"
 
@@ -40,18 +40,6 @@ EVAL_DATASETS = "eval_datasets"
 class NaNPolicy(str, enum.Enum):
     stop = "stop"  # save a checkpoint and the offending images, then stop (exit 3)
     skip = "skip"  # drop the epoch's update, log it, go on
-
-
-@dataclass
-class SamplerConfig:
-    """How images are sampled (the rollout)."""
-
-    scheduler: str = "ddim"  # ddim | ddpm: the step family of sampling.step_with_log_prob
-    num_steps: int = 50
-    eta: float = 1.0  # DDIM only; 1.0 makes DDIM's step equal DDPM's
-    guidance_scale: float = 5.0
-    batch_size: int = 8  # images per UNet forward while sampling, per process
-    negative_prompt: str = ""
 
 
 @dataclass
@@ -64,10 +52,11 @@ class TrainerConfig:
     fixed_sample_noise: bool = False  # every epoch samples from epoch 1's noise (the image a feedback map judges)
     train_batch_size: int = 4  # per process: samples per gradient micro-batch
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    # denoising steps of a micro-batch that go through the UNet in one call while training and in the
-    # reference pass: 1 as the reference codes; k multiplies the call's batch and activations by k (the
-    # same gradient up to summation order), faster for a small model (conf/tuning/toy_*.yaml)
-    timesteps_per_forward: int = 1
+    # (sample, denoising step) rows per denoiser call while training and in the reference pass
+    # (rlft/learner.py); null: train_batch_size, one step of a micro-batch per call as in the reference
+    # codes. More rows are faster for a small model (conf/tuning/toy_*.yaml) and cost their activations
+    # (x2 with guidance); the gradient is the same up to summation order
+    rows_per_call: Optional[int] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"  # no | fp16 | bf16 (log-probs are always computed in fp32)
     allow_tf32: bool = True
@@ -98,7 +87,7 @@ class RunConfig:
     resume: str = "auto"  # auto: continue this run_name's latest checkpoint if any | never | <checkpoint dir>
     paths: PathsConfig = field(default_factory=PathsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: Any = None
     model: Any = None
     reward: Any = None
     algorithm: Any = None
@@ -257,6 +246,9 @@ def validate_component(group: str, node: DictConfig) -> None:
         key = getattr(exc, "full_key", None) or getattr(exc, "key", None) or ""
         known = [f.name for f in dataclasses.fields(schema) if not f.name.startswith("_")]
         detail = _short(exc)
+        refused = getattr(target, "refused_options", {})
+        if isinstance(exc, ConfigKeyError) and key in refused:
+            raise ConfigError(f"{group}.{key}", f"is not an option of {target_path}", refused[key]) from None
         if isinstance(exc, ConfigKeyError):
             own = f"; a class of your own takes only its own keys: {group}=custom {group}._target_=..."
             raise ConfigError(
@@ -322,29 +314,13 @@ def validate(cfg: DictConfig) -> None:
         )
     for name, node in eval_datasets.items():
         validate_component(f"{EVAL_DATASETS}.{name}", node)
-    s, t = cfg.sampler, cfg.trainer
-    if s.scheduler not in ("ddim", "ddpm"):
-        raise ConfigError("sampler.scheduler", f"'{s.scheduler}' is not one of ['ddim', 'ddpm']")
-    if s.num_steps < 2:
-        raise ConfigError(
-            "sampler.num_steps",
-            f"must be >= 2, got {s.num_steps}",
-            "the last step of a DDIM or DDPM chain adds no noise, so a one-step chain has nothing to train",
-        )
-    if s.batch_size < 1:
-        raise ConfigError("sampler.batch_size", f"must be >= 1, got {s.batch_size}")
-    if s.scheduler == "ddim" and not (0.0 < s.eta <= 1.0):
-        raise ConfigError(
-            "sampler.eta",
-            f"{s.eta} makes every DDIM step deterministic or invalid",
-            "policy-gradient finetuning needs 0 < eta <= 1; DDPO uses 1.0",
-        )
-    if not math.isfinite(s.guidance_scale) or s.guidance_scale < 1.0:
-        raise ConfigError("sampler.guidance_scale", f"must be >= 1.0, got {s.guidance_scale}")
+    t = cfg.trainer
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("trainer.mixed_precision", f"'{t.mixed_precision}' is not one of no, fp16, bf16")
     keys = ("epochs", "prompts_per_epoch", "images_per_prompt", "train_batch_size", "gradient_accumulation_steps")
-    for key in (*keys, "timesteps_per_forward"):
+    if t.rows_per_call is not None and t.rows_per_call < 1:
+        raise ConfigError("trainer.rows_per_call", f"must be >= 1 or null, got {t.rows_per_call}")
+    for key in keys:
         if t[key] < 1:
             raise ConfigError(f"trainer.{key}", f"must be >= 1, got {t[key]}")
     for key in ("eval_every", "checkpoint_every", "log_images", "eval_seed"):

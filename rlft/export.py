@@ -59,32 +59,48 @@ def load_finetuned(source: Path, base: str | None = None):
     cfg.model.builder = None  # a base model that would have to be built is not the run's base
     policy = build(cfg.model, "model")
     try:
-        policy.load_trainable_state_dict(policy.unet, trainable)
+        policy.load_trainable_state_dict(trainable)
     except (KeyError, RuntimeError, ValueError) as e:
         raise RlftError(f"{checkpoint} does not fit the base model {cfg.model.path}: {e}") from None
     policy.unet.eval()
     return policy, cfg, checkpoint
 
 
-SAMPLER_KEYS = ("scheduler", "num_steps", "eta", "guidance_scale", "negative_prompt", "batch_size")
+# runs and exports before samplers were components named the family in sampler.scheduler
+_FAMILIES = {"ddim": "rlft.sampling.DDIM", "ddpm": "rlft.sampling.DDPM"}
 
 
 def sampler_settings(sampler) -> dict:
-    """The sampler's settings (a run's ``cfg.sampler``, or ``SamplerConfig()`` for its defaults)."""
-    return {key: getattr(sampler, key) for key in SAMPLER_KEYS}
+    """A sampler component's config as a plain dict (``_target_`` and its values), from a run's
+    ``cfg.sampler`` or an export's record; an older record's ``scheduler: ddim|ddpm`` becomes its target."""
+    settings = dict(OmegaConf.to_container(sampler, resolve=True) if OmegaConf.is_config(sampler) else sampler)
+    family = settings.pop("scheduler", None)
+    if "_target_" not in settings and family is not None:
+        settings["_target_"] = _FAMILIES[family]
+        if family == "ddpm":
+            settings.pop("eta", None)
+    return settings
+
+
+def build_sampler(settings: dict, scheduler_config):
+    """The sampler of ``settings`` (:func:`sampler_settings`), set up on a model's scheduler config."""
+    from rlft.config import build, validate_component
+
+    node = OmegaConf.create(settings)
+    validate_component("sampler", node)
+    return build(node, "sampler").setup(scheduler_config)
 
 
 def export(source: Path, out: Path, base: str | None = None) -> Path:
     """Write the finetuned model of ``source`` (run or checkpoint) to ``out``; returns ``out``."""
     from rlft.models import save_pipeline
-    from rlft.sampling import make_scheduler
 
     policy, cfg, checkpoint = load_finetuned(source, base)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise RlftError(f"{out} exists and is not empty; choose a new output directory")
     out.mkdir(parents=True, exist_ok=True)
-    scheduler = make_scheduler(cfg.sampler.scheduler, policy.scheduler_config)
+    scheduler = build_sampler(sampler_settings(cfg.sampler), policy.scheduler_config).scheduler
     if policy.finetune == "lora":
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers

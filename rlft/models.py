@@ -1,7 +1,8 @@
-"""Loading the policy: a text-to-image pipeline in the diffusers layout.
+"""The UNet family's policy (rlft/policy.py): a text-to-image pipeline in the diffusers layout.
 
 Stable Diffusion from the hub, a local copy of it, and the tiny models of the
-tests and the toy world all load through ``StableDiffusionPipeline.from_pretrained``.
+tests and the toy world all load through ``DiffusionPipeline.from_pretrained``
+(the pipeline class named in model_index.json).
 Only the UNet trains: LoRA adapters through peft (``finetune=lora``) or the
 whole UNet (``finetune=full``). The frozen reference policy pi_ref (PRDP) is the
 pretrained UNet: adapters disabled for LoRA, a frozen copy for full finetuning.
@@ -14,8 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +22,8 @@ import torch
 from torch import Tensor
 
 from rlft.errors import ConfigError
+from rlft.policy import Conditioning
+from rlft.sampling import compute_dtype
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -97,12 +98,12 @@ class DiffusionPolicy:
         gradient_checkpointing: bool = False,
         builder: str | None = None,
     ) -> DiffusionPolicy:
-        """Load a pipeline from the hub or a local directory.
+        """Load a pipeline from the hub or a local directory; its class is the one model_index.json names.
 
         ``builder``: dotted path of a function ``f(path)`` that writes the pipeline
         when ``path`` does not exist yet (used by ``model=tiny_random``).
         """
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
         from hydra.utils import get_object
 
         if builder and not Path(path).exists():
@@ -111,7 +112,7 @@ class DiffusionPolicy:
         if not local and path.startswith((".", "/", "~")):
             raise ConfigError("model.path", f"'{path}' does not exist", "set model.path to a diffusers directory")
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = DiffusionPipeline.from_pretrained(
                 path,
                 revision=revision,
                 variant=variant,
@@ -119,7 +120,7 @@ class DiffusionPolicy:
                 requires_safety_checker=False,
                 local_files_only=local or None,
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, AttributeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ConfigError(
                 "model.path",
@@ -127,6 +128,14 @@ class DiffusionPolicy:
                 "set model.path to a local directory with model_index.json, unet/, vae/, text_encoder/, "
                 "tokenizer/, scheduler/ (or a hub id when online)",
             ) from None
+        parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+        if any(getattr(pipe, name, None) is None for name in parts):
+            raise ConfigError(
+                "model",
+                f"'{path}' holds a {type(pipe).__name__}, not a UNet pipeline with {', '.join(parts)}",
+                "model=sd14, sd15, toy and tiny_random load UNet pipelines; another family needs its own "
+                "policy (rlft/policy.py)",
+            )
         return cls(
             pipe.tokenizer,
             pipe.text_encoder,
@@ -151,7 +160,7 @@ class DiffusionPolicy:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         """(C, h, w) of x_T."""
-        cfg = self.unet.config
+        cfg = _unwrap(self.unet).config
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         return (cfg.in_channels, size, size)
 
@@ -168,46 +177,65 @@ class DiffusionPolicy:
         device = self.text_encoder.device
         return self.text_encoder(tok.input_ids.to(device))[0]
 
+    def encode(self, prompts: list[str], negative_prompt: str = "") -> Conditioning:
+        """The UNet's conditioning: per-token text states of the prompts and of the negative prompt."""
+        embeds = self.encode_prompts([*prompts, negative_prompt])
+        return Conditioning({"encoder_hidden_states": embeds[:-1]}, {"encoder_hidden_states": embeds[-1:]})
+
+    def predict(self, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
+        """eps_u + w (eps_c - eps_u) (or the v / x0 the scheduler predicts): one UNet call on the doubled
+        batch (the prompts' alone when w = 1), timesteps as floats, the result in at least fp32."""
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(b)
+        dtype = cond.dtype
+        if guidance_scale == 1.0:
+            y = self.unet(x.to(dtype), t, **cond.inputs).sample
+            return y.to(compute_dtype(y))
+        y = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), **cond.guided()).sample
+        y_uncond, y_cond = y.to(compute_dtype(y)).chunk(2)
+        return y_uncond + guidance_scale * (y_cond - y_uncond)
+
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """Latents -> images in [0, 1]  [B, 3, H, W]."""
-        x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        """Latents -> images in [0, 1]  [B, 3, H, W]: z / scaling_factor + shift_factor through the VAE."""
+        cfg = self.vae.config
+        z = latents.to(self.vae.dtype) / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        x = self.vae.decode(z).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
 
-    @contextmanager
-    def reference(self, unet) -> Iterator[torch.nn.Module]:
-        """The frozen pretrained UNet pi_ref (adapters off for LoRA, a frozen copy for full finetuning)."""
+    def with_unet(self, unet) -> DiffusionPolicy:
+        """The same policy predicting with another UNet (a copy in float64, a wrapped one): a shallow view."""
+        view = copy.copy(self)
+        view.unet = unet
+        return view
+
+    def reference_policy(self) -> DiffusionPolicy:
+        """The frozen pretrained policy pi_ref: adapters off for LoRA, the frozen copy for full finetuning."""
         if self.finetune == "lora":
-            base = _unwrap(unet)
-            base.disable_adapters()
-            try:
-                yield unet
-            finally:
-                base.enable_adapters()
-        else:
-            if self._reference_unet is None:
-                raise RuntimeError("call keep_reference() before training starts (full finetuning)")
-            yield self._reference_unet
+            return _AdaptersOff(self)
+        if self._reference_unet is None:
+            raise RuntimeError("call keep_reference() before training starts (full finetuning)")
+        return self.with_unet(self._reference_unet)
 
     def keep_reference(self) -> None:
         """Full finetuning: snapshot the pretrained UNet as pi_ref (LoRA needs no copy)."""
         if self.finetune == "full" and self._reference_unet is None:
             self._reference_unet = copy.deepcopy(_unwrap(self.unet)).requires_grad_(False).eval()
 
-    def trainable_state_dict(self, unet) -> dict[str, Tensor]:
+    def trainable_state_dict(self) -> dict[str, Tensor]:
         """What a checkpoint must hold: the LoRA adapter, or the whole UNet."""
-        base = _unwrap(unet)
+        base = _unwrap(self.unet)
         if self.finetune == "lora":
             from peft import get_peft_model_state_dict
 
             return get_peft_model_state_dict(base)
         return base.state_dict()
 
-    def load_trainable_state_dict(self, unet, state: dict[str, Tensor]) -> None:
-        base = _unwrap(unet)
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        base = _unwrap(self.unet)
         if self.finetune == "lora":
             from peft import set_peft_model_state_dict
 
@@ -216,6 +244,21 @@ class DiffusionPolicy:
                 raise RuntimeError(f"checkpoint adapter has unexpected keys: {result.unexpected_keys[:3]}")
         else:
             base.load_state_dict(state)
+
+
+class _AdaptersOff(DiffusionPolicy):
+    """pi_ref of a LoRA policy: the same UNet with its adapters disabled around each prediction."""
+
+    def __init__(self, policy: DiffusionPolicy):
+        self.__dict__.update(policy.__dict__)
+
+    def predict(self, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
+        base = _unwrap(self.unet)
+        base.disable_adapters()
+        try:
+            return super().predict(x, t, cond, guidance_scale)
+        finally:
+            base.enable_adapters()
 
 
 def _unwrap(module):

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlft import checkpoint as ckpt
-from rlft.algorithms.base import Algorithm, Rollout, stacked_steps, step_chunks
+from rlft.algorithms.base import Algorithm, Rollout
 from rlft.checkpoint import COMPLETE_MARKER, CheckpointError
 from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
@@ -44,10 +44,11 @@ from rlft.evaluation import (
     showcase_indices,
     side_by_side,
 )
+from rlft.learner import Learner, Rows
 from rlft.loggers import append_console
-from rlft.models import DiffusionPolicy
+from rlft.policy import Policy
 from rlft.rewards.base import Reward, RewardOutput, to_uint8
-from rlft.sampling import Sampler, Trajectory, make_scheduler
+from rlft.sampling import Sampler, Trajectory
 from rlft.seeding import EVAL, INIT, SAMPLE, TRAIN, TRAIN_SAMPLE, sample_noise, seed_global, seeded_generator
 
 RESUME_IGNORED_KEYS = (
@@ -61,7 +62,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.progress_bar",
     "trainer.log_images",
     "trainer.on_nan_reward",  # acts only on an epoch whose reward failed: the NaN stop's second remedy
-    "trainer.timesteps_per_forward",  # memory and speed: the same gradients, summed in another order
+    "trainer.rows_per_call",  # memory and speed: the same gradients, summed in another order
     "logger",
 )
 
@@ -166,44 +167,6 @@ class _RunState:
         r.algorithm.load_state_dict(state["algorithm"])
 
 
-class _Learner:
-    """The TrainContext handed to Algorithm.update."""
-
-    def __init__(self, runner: Runner):
-        self.r = runner
-        self.generator = seeded_generator(runner.cfg.seed, TRAIN, runner.epoch, runner.accelerator.process_index)
-        self.train_batch_size = runner.plan.train_batch_size
-        self.gradient_accumulation_steps = runner.plan.gradient_accumulation_steps
-        self.timesteps_per_forward = runner.cfg.trainer.timesteps_per_forward
-        self.bar = None
-        if runner.cfg.trainer.progress_bar and runner.is_main:
-            self.bar = tqdm(desc=f"epoch {runner.epoch + 1}: training", unit=" backward", leave=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def sample_generator(self, *key: int) -> torch.Generator:
-        return seeded_generator(self.r.cfg.seed, TRAIN_SAMPLE, self.r.epoch, *key)
-
-    def log_prob(self, rollout: Rollout, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        return self.r.step_log_prob(self.r.unet, rollout.trajectory, index, step)
-
-    def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
-        acc = self.r.accelerator
-        with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.r.unet):
-            acc.backward(loss)
-        if self.bar is not None:
-            self.bar.update()
-
-    def step(self) -> float:
-        r = self.r
-        norm = r.accelerator.clip_grad_norm_(r.params, r.cfg.trainer.max_grad_norm)
-        r.optimizer.step()
-        r.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
-
-
 class Runner:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg = cfg
@@ -224,6 +187,7 @@ class Runner:
             if t.eval_every > 0
         }
         self.algorithm: Algorithm = build(cfg.algorithm, "algorithm")
+        self.sampler: Sampler = build(cfg.sampler, "sampler")
         self.plan = BatchPlan.derive(cfg, self.accelerator.num_processes, self.algorithm)
         self.reward: Reward = build(cfg.reward, "reward")
         self.algorithm.check_reward(self.reward.name, self.reward.gives_maps)
@@ -236,7 +200,7 @@ class Runner:
         self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy (a LoRA adapter's initialisation draws from torch's global generator)
         seed_global(cfg.seed, INIT)
-        self.policy: DiffusionPolicy = build(cfg.model, "model")
+        self.policy: Policy = build(cfg.model, "model")
         self.reward.to(self.device)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         if self.device.type == "cpu":
@@ -244,16 +208,10 @@ class Runner:
         self.policy.to(self.device, weight_dtype)
         if self.algorithm.needs_reference:
             self.policy.keep_reference()
-        self.sampler = Sampler(
-            make_scheduler(cfg.sampler.scheduler, self.policy.scheduler_config),
-            cfg.sampler.num_steps,
-            cfg.sampler.eta,
-            cfg.sampler.guidance_scale,
-        )
-        self.negative_embeds = self.policy.encode_prompts([cfg.sampler.negative_prompt])  # [1, L, D]
+        self.sampler.setup(self.policy.scheduler_config)
         self.params = self.policy.trainable_parameters()
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
-        self.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
+        self.policy.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
         self.run_state = _RunState(self)
         self.lock = ckpt.RunLock(self.run_dir)
         # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
@@ -261,6 +219,7 @@ class Runner:
         overlap = t.async_reward and self.device.type != "cpu"
         self.executor = ThreadPoolExecutor(max_workers=1) if overlap else _InlineExecutor()
         self.epoch = 0  # completed epochs
+        self._bar = None  # the training progress bar of the epoch being trained
         self.first_eval: dict[str, EvalResult] | None = None  # the run's first evaluation (rlft/evaluation.py)
         self.eval_results: dict[str, EvalResult] = {}  # the latest one
 
@@ -286,9 +245,7 @@ class Runner:
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            trainable = {
-                k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict(self.unet).items()
-            }
+            trainable = {k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict().items()}
             scaler = self.accelerator.scaler
             meta = {
                 "epoch": self.epoch,
@@ -316,7 +273,7 @@ class Runner:
         marker, trainable, optimizer = ckpt.read(checkpoint)
         self._check_same_config(checkpoint, marker)
         try:
-            self.policy.load_trainable_state_dict(self.unet, trainable)
+            self.policy.load_trainable_state_dict(trainable)
             self.optimizer.load_state_dict(optimizer)
             if self.accelerator.scaler is not None and marker.get("scaler"):
                 self.accelerator.scaler.load_state_dict(marker["scaler"])
@@ -398,7 +355,7 @@ class Runner:
         """Rollouts in batches, sample b's noise from ``noise_keys[b]``; each batch's reward runs in a thread
         while the next batch samples."""
         texts, metas = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
-        embeds = self.policy.encode_prompts(texts)
+        cond = self.policy.encode(texts, self.sampler.negative_prompt)
         bs, shape = self.plan.sample_batch_size, self.policy.latent_shape
         trajectories, futures = [], []
         bar = range(0, len(prompts), bs)
@@ -407,11 +364,8 @@ class Runner:
         for start in bar:
             chunk = slice(start, start + bs)
             traj = self.sampler.sample(
-                self.unet,
-                self.policy.decode,
-                embeds[chunk],
-                self.negative_embeds,
-                shape,
+                self.policy,
+                cond[chunk],
                 sample_noise(noise_keys[chunk], self.sampler.num_steps, shape),
                 self.algorithm.reduce_log_prob,
                 autocast=self.accelerator.autocast,
@@ -420,36 +374,45 @@ class Runner:
             trajectories.append(traj)
         t0 = time.perf_counter()
         rewards = RewardOutput.cat([f.result() for f in futures])
-        return _cat_trajectories(trajectories), rewards, time.perf_counter() - t0
+        return Trajectory.cat(trajectories), rewards, time.perf_counter() - t0
 
-    def step_log_prob(self, unet, traj: Trajectory, index: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        """reduce(log pi(x_{j+1} | x_j, c)) under ``unet`` of samples ``index`` at steps ``step``  [b, ...]"""
-        with self.accelerator.autocast():
-            log_prob = self.sampler.log_prob(
-                unet,
-                traj.latents[index, step],
-                traj.latents[index, step + 1],
-                traj.timesteps[step].to(self.device),
-                traj.prompt_embeds[index],
-                self.negative_embeds,
-            )
-        return self.algorithm.reduce_log_prob(log_prob)
+    def _learner(self) -> Learner:
+        """The epoch's TrainContext: the policy and sampler, accelerate's backward (no gradient reduction
+        while accumulating) and optimizer step, generators seeded by (seed, epoch, process)."""
+        acc, t = self.accelerator, self.cfg.trainer
 
-    @torch.no_grad()
-    def _reference_log_probs(self, traj: Trajectory) -> torch.Tensor:
+        def backward(loss: torch.Tensor, sync: bool) -> None:
+            with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(self.policy.unet):
+                acc.backward(loss)
+            if self._bar is not None:
+                self._bar.update()
+
+        def optimizer_step() -> float:
+            norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
+
+        return Learner(
+            self.policy,
+            self.sampler,
+            self.algorithm.reduce_log_prob,
+            train_batch_size=self.plan.train_batch_size,
+            gradient_accumulation_steps=self.plan.gradient_accumulation_steps,
+            rows_per_call=t.rows_per_call,
+            generator=seeded_generator(self.cfg.seed, TRAIN, self.epoch, acc.process_index),
+            sample_generator=lambda *key: seeded_generator(self.cfg.seed, TRAIN_SAMPLE, self.epoch, *key),
+            backward=backward,
+            optimizer_step=optimizer_step,
+            autocast=acc.autocast,
+        )
+
+    def _reference_log_probs(self, learner: Learner, rollout: Rollout) -> torch.Tensor:
         """reduce(log pi_ref(x_{j+1} | x_j, c)) for every step of every sample  [B, S, ...], in calls of
-        sampler.batch_size samples x trainer.timesteps_per_forward steps."""
-        S, k = len(traj.timesteps), self.cfg.trainer.timesteps_per_forward
-        out = []
-        with self.policy.reference(self.unet) as ref_unet:
-            for start in range(0, traj.batch_size, self.plan.sample_batch_size):
-                rows = torch.arange(start, min(start + self.plan.sample_batch_size, traj.batch_size))
-                per_chunk = []
-                for chunk in step_chunks(S, k):
-                    step = torch.arange(S)[chunk].expand(len(rows), -1)  # [b, k]
-                    per_chunk.append(stacked_steps(lambda i, s: self.step_log_prob(ref_unet, traj, i, s), rows, step))
-                out.append(torch.cat(per_chunk, dim=1))
-        return torch.cat(out)
+        trainer.rows_per_call rows."""
+        B, S = rollout.batch_size, len(rollout.trajectory.timesteps)
+        rows = Rows.of(torch.arange(B), torch.arange(S).expand(B, -1))
+        return Rows.unflatten(learner.steps(rollout, rows, reference=True).log_prob, B)
 
     def _handle_nan(self, rollout: Rollout, rewards: RewardOutput) -> bool:
         """True when the epoch must be skipped; stops the run (after saving) under on_nan_reward=stop."""
@@ -487,14 +450,15 @@ class Runner:
         self._stream_before_epoch = self.stream.state_dict()  # what a NaN stop saves (the epoch is redone)
         prompts, group, sample_index = self._prompts_for_epoch()
         # SAMPLING (+ rewards in the background)
-        self.unet.eval()
+        self.policy.unet.eval()
         noise_epoch = 0 if self.cfg.trainer.fixed_sample_noise else self.epoch
         keys = [(self.cfg.seed, SAMPLE, noise_epoch, int(i)) for i in sample_index]
         traj, rewards, reward_wait = self._sample(prompts, keys, f"epoch {self.epoch + 1}: sampling")
         rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps, sample_index)
         t_reference = time.perf_counter()
+        learner = self._learner()
         if self.algorithm.needs_reference:
-            rollout.ref_log_probs = self._reference_log_probs(traj)
+            rollout.ref_log_probs = self._reference_log_probs(learner, rollout)
         t_sampled = time.perf_counter()
         comm = _Comm(self.accelerator)
         global_rewards = comm.gather(rewards.scores)
@@ -519,12 +483,15 @@ class Runner:
         # PREPARE: advantages / pairs
         metrics.update(self.algorithm.prepare(rollout, comm))
         # TRAINING
-        self.unet.train()
-        learner = _Learner(self)
+        self.policy.unet.train()
+        if self.cfg.trainer.progress_bar and self.is_main:
+            self._bar = tqdm(desc=f"epoch {self.epoch + 1}: training", unit=" backward", leave=False)
         try:
             metrics.update(self.algorithm.update(rollout, learner))
         finally:
-            learner.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
         t_trained = time.perf_counter()
         n_images = self.plan.samples_per_process * self.plan.world_size
         metrics.update(
@@ -592,7 +559,7 @@ class Runner:
         showcase = showcase_indices(len(unique), t.eval_images_per_prompt, t.log_images)
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = list(range(len(prompts)))[rank::world]
-        self.unet.eval()
+        self.policy.unet.eval()
         local: dict[str, list] = {"index": mine, "scores": [], "parts": {}, "showcase": []}
         if mine:
             keys = [(self.cfg.seed, EVAL, t.eval_seed, i) for i in mine]
@@ -718,18 +685,6 @@ class _InlineExecutor:
 
     def shutdown(self, wait: bool = True) -> None:
         pass
-
-
-def _cat_trajectories(items: list[Trajectory]) -> Trajectory:
-    first = items[0]
-    return Trajectory(
-        latents=torch.cat([t.latents for t in items]),
-        log_probs=torch.cat([t.log_probs for t in items]),
-        timesteps=first.timesteps,
-        stochastic=first.stochastic,
-        prompt_embeds=torch.cat([t.prompt_embeds for t in items]),
-        images=torch.cat([t.images for t in items]),
-    )
 
 
 def _config_diff(a, b, prefix: str = "") -> list[str]:

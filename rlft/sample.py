@@ -46,20 +46,20 @@ def _is_run(source: Path) -> bool:
 
 def load_model(source: str):
     """(policy, settings): settings holds the sampler, seed and eval_seed the source was trained with."""
-    from rlft.config import SamplerConfig, TrainerConfig
-    from rlft.export import EXPORT_FILE, LORA_FILE, load_finetuned, sampler_settings
+    from rlft.config import TrainerConfig
+    from rlft.export import EXPORT_FILE, LORA_FILE, build_sampler, load_finetuned, sampler_settings
     from rlft.models import DiffusionPolicy
-    from rlft.sampling import make_scheduler
+    from rlft.sampling import DDIM
 
     path = Path(source).expanduser()
     if path.is_dir() and _is_run(path):
         policy, cfg, _ = load_finetuned(path)
         return policy, {**sampler_settings(cfg.sampler), "seed": cfg.seed, "eval_seed": cfg.trainer.eval_seed}
-    settings = {**sampler_settings(SamplerConfig()), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
+    settings = {**DDIM().settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     export = path / EXPORT_FILE
     if export.is_file():
         info = json.loads(export.read_text())
-        settings.update(info["sampler"], seed=info["seed"], eval_seed=info["eval_seed"])
+        settings = {**sampler_settings(info["sampler"]), "seed": info["seed"], "eval_seed": info["eval_seed"]}
         if info["kind"] == "lora":  # the base model with the adapter
             from diffusers import StableDiffusionPipeline
 
@@ -69,7 +69,7 @@ def load_model(source: str):
                 text_encoder=policy.text_encoder,
                 tokenizer=policy.tokenizer,
                 unet=policy.unet,
-                scheduler=make_scheduler(settings["scheduler"], policy.scheduler_config),
+                scheduler=build_sampler(_sampler_part(settings), policy.scheduler_config).scheduler,
                 safety_checker=None,
                 feature_extractor=None,
                 requires_safety_checker=False,
@@ -80,6 +80,10 @@ def load_model(source: str):
     policy = DiffusionPolicy.from_pretrained(source, finetune="full")
     policy.unet.eval()
     return policy, settings
+
+
+def _sampler_part(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("seed", "eval_seed")}
 
 
 def read_prompts(value: str) -> list[str]:
@@ -100,7 +104,7 @@ def read_prompts(value: str) -> list[str]:
 def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides):
     """Images [N, 3, H, W] in [0, 1] and their prompts (each repeated ``images_per_prompt`` times),
     sampled as the run evaluates (module docstring); ``overrides`` replace the settings' values."""
-    from rlft.sampling import Sampler, make_scheduler
+    from rlft.export import build_sampler
     from rlft.seeding import EVAL, sample_noise
 
     policy, settings = load_model(str(source))
@@ -108,25 +112,15 @@ def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown setting", f"known: {', '.join(KEYS)}")
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    batch_size = int(settings.pop("batch_size", 8))
-    sampler = Sampler(
-        make_scheduler(settings["scheduler"], policy.scheduler_config),
-        settings["num_steps"],
-        settings["eta"],
-        settings["guidance_scale"],
-    )
+    sampler = build_sampler(_sampler_part(settings), policy.scheduler_config)
     every = [p for p in prompts for _ in range(images_per_prompt)]
-    negative = policy.encode_prompts([settings["negative_prompt"]])
     images = []
-    for start in range(0, len(every), batch_size):
-        chunk = every[start : start + batch_size]
+    for start in range(0, len(every), sampler.batch_size):
+        chunk = every[start : start + sampler.batch_size]
         keys = [(settings["seed"], EVAL, settings["eval_seed"], start + i) for i in range(len(chunk))]
         traj = sampler.sample(
-            policy.unet,
-            policy.decode,
-            policy.encode_prompts(chunk),
-            negative,
-            policy.latent_shape,
+            policy,
+            policy.encode(chunk, sampler.negative_prompt),
             sample_noise(keys, sampler.num_steps, policy.latent_shape),
             lambda lp: lp.mean(dim=(1, 2, 3)),
         )

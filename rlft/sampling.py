@@ -1,13 +1,13 @@
-"""The rollout: sampling with classifier-free guidance and per-step log-probabilities.
+"""The rollout: sampler families with per-step log-probabilities.
 
 Each sampler step is a Gaussian policy
 
     pi(x_{t-1} | x_t, c) = N(x_{t-1}; mu_theta(x_t, t, c), sigma_t^2 I),
 
-with the guided noise prediction eps = eps_uncond + w (eps_cond - eps_uncond).
+with the guided model output of ``policy.predict`` (rlft/policy.py). Each family's
 ``step_with_log_prob`` computes mu and sigma exactly as diffusers' own
-``scheduler.step`` does (one function per sampler family: DDIM with eta, and
-DDPM with the posterior variance), draws x_{t-1} (or takes a given one) and
+``scheduler.step`` does (:class:`DDIM` with eta, :class:`DDPM` with the
+posterior variance), draws x_{t-1} (or takes a given one) and
 returns the *element-wise* Gaussian log-density, so that every algorithm picks
 its own reduction (DDPO: mean over latent dimensions; PXPO: sum over channels
 per position; PRDP: a sum or mean over dimensions).
@@ -27,6 +27,7 @@ is deterministic: it is not a policy action, its log-prob is reported as 0 and
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -36,6 +37,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+
+from rlft.errors import ConfigError
+from rlft.policy import Conditioning, Policy
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -192,25 +196,7 @@ def ddpm_step_with_log_prob(
     return StepOutput(prev_sample, _gaussian_log_prob(prev_sample, mean, std), mean, std)
 
 
-def step_with_log_prob(scheduler, *args, **kwargs) -> StepOutput:
-    """Dispatch on the scheduler family (DDIM or DDPM)."""
-    if isinstance(scheduler, DDIMScheduler):
-        return ddim_step_with_log_prob(scheduler, *args, **kwargs)
-    if isinstance(scheduler, DDPMScheduler):
-        return ddpm_step_with_log_prob(scheduler, *args, **kwargs)
-    raise TypeError(f"no step_with_log_prob for {type(scheduler).__name__}; use sampler.scheduler=ddim or ddpm")
-
-
-def make_scheduler(family: str, base_config) -> DDIMScheduler | DDPMScheduler:
-    """The sampler family's scheduler, built from the pipeline's scheduler config."""
-    if family == "ddim":
-        return DDIMScheduler.from_config(base_config)
-    if family == "ddpm":
-        return DDPMScheduler.from_config(base_config, variance_type="fixed_small")
-    raise ValueError(f"sampler.scheduler '{family}' is not one of ddim, ddpm")
-
-
-# --------------------------------------------------------------------------- rollout
+# --------------------------------------------------------------------------- sampler components
 
 
 @dataclass
@@ -219,88 +205,178 @@ class Trajectory:
 
     latents: Tensor  # x_T, ..., x_0                                   [B, S+1, C, h, w] >= fp32
     log_probs: Tensor  # reduce(log pi_old(x_{j+1} | x_j, c)) per step   [B, S, *reduced]
-    timesteps: Tensor  # scheduler timestep of step j                    [S] long
+    timesteps: Tensor  # the sampler's timestep of step j               [S]
     stochastic: Tensor  # False for deterministic steps (not trainable)  [S] bool
-    prompt_embeds: Tensor  # text-encoder states of the prompt           [B, L, D]
+    cond: Conditioning  # the policy's conditioning of each sample       [B, ...]
     images: Tensor  # decoded x_0 in [0, 1]                              [B, 3, H, W] fp32
 
     @property
     def batch_size(self) -> int:
         return self.latents.shape[0]
 
+    @staticmethod
+    def cat(items: list[Trajectory]) -> Trajectory:
+        first = items[0]
+        return Trajectory(
+            latents=torch.cat([t.latents for t in items]),
+            log_probs=torch.cat([t.log_probs for t in items]),
+            timesteps=first.timesteps,
+            stochastic=first.stochastic,
+            cond=Conditioning.cat([t.cond for t in items]),
+            images=torch.cat([t.images for t in items]),
+        )
+
 
 class Sampler:
-    """A scheduler family plus the sampling settings (steps, eta, guidance)."""
+    """A sampler family: its scheduler, timesteps and Gaussian step, plus the sampling settings.
 
-    def __init__(self, scheduler, num_steps: int, eta: float, guidance_scale: float):
-        self.scheduler = scheduler
+    A ``_target_`` component of the ``sampler`` group (``sampler=ddim``, ``sampler=ddpm``; a family
+    of one's own is a subclass in any module, ``sampler._target_=my_module.MySampler``). Built from
+    the config alone; :meth:`setup` then builds the scheduler from the model's scheduler config.
+    A subclass implements :meth:`make_scheduler` and :meth:`step_with_log_prob`; an option it does
+    not use goes in ``refused_options`` with the reason, so that setting it fails at start-up.
+    """
+
+    refused_options: dict[str, str] = {}
+
+    def __init__(
+        self, num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 8, negative_prompt: str = ""
+    ):
+        if num_steps < 2:
+            raise ConfigError(
+                "sampler.num_steps",
+                f"must be >= 2, got {num_steps}",
+                "the last step of a DDIM or DDPM chain adds no noise, so a one-step chain has nothing to train",
+            )
+        if batch_size < 1:
+            raise ConfigError("sampler.batch_size", f"must be >= 1, got {batch_size}")
+        if not math.isfinite(guidance_scale) or guidance_scale < 1.0:
+            raise ConfigError("sampler.guidance_scale", f"must be >= 1.0, got {guidance_scale}")
         self.num_steps = num_steps
-        self.eta = eta
         self.guidance_scale = guidance_scale
-        scheduler.set_timesteps(num_steps)
-        self.timesteps = scheduler.timesteps.clone()  # [S]
-        probe = torch.zeros(num_steps, 1, 1, 1)
-        stds = step_with_log_prob(scheduler, probe, self.timesteps, probe, eta=eta, variance_noise=probe).std
+        self.batch_size = batch_size  # images per denoiser call while sampling, per process
+        self.negative_prompt = negative_prompt
+        self.scheduler = None
+
+    # ------------------------------------------------------------------ the family
+    def make_scheduler(self, scheduler_config):
+        """This family's scheduler from the pipeline's scheduler config."""
+        raise NotImplementedError
+
+    def step_with_log_prob(
+        self, model_output: Tensor, t: Tensor, sample: Tensor, prev_sample: Tensor | None = None,
+        variance_noise: Tensor | None = None,
+    ) -> StepOutput:  # fmt: skip
+        """One step from x_t (``sample``) given the guided model output: x_{t-1} (drawn with
+        ``variance_noise``, or ``prev_sample`` as given), its element-wise log-density, mean and std."""
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        """The component's config (``_target_`` and its values), e.g. for an exported model's record."""
+        names = [p for p in inspect.signature(type(self)).parameters if p != "self"]
+        cls = type(self)
+        return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{n: getattr(self, n) for n in names}}
+
+    # ------------------------------------------------------------------ shared
+    def setup(self, scheduler_config) -> Sampler:
+        """Build the scheduler and its timesteps; mark the deterministic steps (not trained on)."""
+        self.scheduler = self.make_scheduler(scheduler_config)
+        self.scheduler.set_timesteps(self.num_steps)
+        self.timesteps = self.scheduler.timesteps.clone()  # [S]
+        probe = torch.zeros(self.num_steps, 1, 1, 1)
+        stds = self.step_with_log_prob(probe, self.timesteps, probe, variance_noise=probe).std
         self.stochastic = stds.flatten() > 0  # [S]
+        return self
 
-    def guided_noise(self, unet, latents: Tensor, t: Tensor, embeds: Tensor, negative: Tensor) -> Tensor:
-        """eps_uncond + w (eps_cond - eps_uncond), one UNet call on the doubled batch, in at least fp32."""
-        b = latents.shape[0]
-        t = _as_batch(t, b, latents.device)
-        x = torch.cat([latents, latents])
-        emb = torch.cat([negative.expand(b, -1, -1), embeds])
-        eps = unet(x.to(embeds.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
-        eps_uncond, eps_cond = eps.to(compute_dtype(eps)).chunk(2)
-        return eps_uncond + self.guidance_scale * (eps_cond - eps_uncond)
-
-    def log_prob(
-        self, unet, latents: Tensor, next_latents: Tensor, t: Tensor, embeds: Tensor, negative: Tensor
-    ) -> Tensor:
-        """Element-wise log pi(next_latents | latents, c) under ``unet``  [b, C, h, w]."""
-        eps = self.guided_noise(unet, latents, t, embeds, negative)
-        return step_with_log_prob(self.scheduler, eps, t, latents, eta=self.eta, prev_sample=next_latents).log_prob
+    def step(
+        self, policy: Policy, x: Tensor, t: Tensor, cond: Conditioning, prev_sample: Tensor | None = None,
+        variance_noise: Tensor | None = None,
+    ) -> StepOutput:  # fmt: skip
+        """policy.predict, then :meth:`step_with_log_prob`: one guided step of the policy."""
+        y = policy.predict(x, t, cond, self.guidance_scale)
+        return self.step_with_log_prob(y, t, x, prev_sample=prev_sample, variance_noise=variance_noise)
 
     @torch.no_grad()
     def sample(
         self,
-        unet,
-        decode: Callable[[Tensor], Tensor],
-        embeds: Tensor,
-        negative: Tensor,
-        noise_shape: tuple[int, int, int],
+        policy: Policy,
+        cond: Conditioning,
         noise: Tensor | torch.Generator,
         reduce: Callable[[Tensor], Tensor],
         autocast=None,
     ) -> Trajectory:
-        """Sample ``len(embeds)`` trajectories.
+        """Sample ``len(cond)`` trajectories.
 
         ``noise``: each sample's x_T and step noises  [B, S+1, C, h, w] (``rlft.seeding.sample_noise``:
         one generator per sample, so the result does not depend on how samples are batched); or a CPU
         generator from which x_T, then each step's noise, are drawn for the whole batch in turn.
         """
-        b, S = embeds.shape[0], len(self.timesteps)
+        if self.scheduler is None:
+            raise RuntimeError("call sampler.setup(policy.scheduler_config) before sampling")
+        b, S, shape = len(cond), len(self.timesteps), policy.latent_shape
         if isinstance(noise, torch.Generator):  # x_T, then each step's noise, for the whole batch in turn
-            noise = torch.stack([torch.randn((b, *noise_shape), generator=noise) for _ in range(S + 1)], dim=1)
-        if tuple(noise.shape) != (b, S + 1, *noise_shape):
-            raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *noise_shape)}")
-        device = embeds.device
-        noise = noise.to(device, compute_dtype(embeds))  # fp32, or fp64 for a float64 model
+            noise = torch.stack([torch.randn((b, *shape), generator=noise) for _ in range(S + 1)], dim=1)
+        if tuple(noise.shape) != (b, S + 1, *shape):
+            raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *shape)}")
+        device = cond.device
+        noise = noise.to(device, compute_dtype(*cond.inputs.values()))  # fp32, or fp64 for a float64 model
         x = noise[:, 0] * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         for j, t in enumerate(self.timesteps):
             with (autocast or nullcontext)():
-                eps = self.guided_noise(unet, x, t.to(device), embeds, negative)
-            out = step_with_log_prob(self.scheduler, eps, t.to(device), x, eta=self.eta, variance_noise=noise[:, j + 1])
+                y = policy.predict(x, t.to(device), cond, self.guidance_scale)
+            out = self.step_with_log_prob(y, t.to(device), x, variance_noise=noise[:, j + 1])
             x = out.prev_sample
             latents.append(x)
             log_probs.append(reduce(out.log_prob))
         with (autocast or nullcontext)():
-            images = decode(x)
+            images = policy.decode(x)
         return Trajectory(
             latents=torch.stack(latents, dim=1),
             log_probs=torch.stack(log_probs, dim=1),
             timesteps=self.timesteps.clone(),
             stochastic=self.stochastic.clone(),
-            prompt_embeds=embeds,
+            cond=cond,
             images=images.float(),
+        )
+
+
+class DDIM(Sampler):
+    """DDIM with eta (``sampler=ddim``): eta = 1 gives DDPM's posterior variance, DDPO's setting."""
+
+    def __init__(
+        self, num_steps: int = 50, eta: float = 1.0, guidance_scale: float = 5.0, batch_size: int = 8,
+        negative_prompt: str = "",
+    ):  # fmt: skip
+        super().__init__(num_steps, guidance_scale, batch_size, negative_prompt)
+        if not 0.0 < eta <= 1.0:
+            raise ConfigError(
+                "sampler.eta",
+                f"{eta} makes every DDIM step deterministic or invalid",
+                "policy-gradient finetuning needs 0 < eta <= 1; DDPO uses 1.0",
+            )
+        self.eta = eta
+
+    def make_scheduler(self, scheduler_config) -> DDIMScheduler:
+        return DDIMScheduler.from_config(scheduler_config)
+
+    def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
+        return ddim_step_with_log_prob(
+            self.scheduler, model_output, t, sample, self.eta, prev_sample=prev_sample, variance_noise=variance_noise
+        )
+
+
+class DDPM(Sampler):
+    """Ancestral DDPM with the posterior variance (``sampler=ddpm``, PRDP's sampler)."""
+
+    refused_options = {
+        "eta": "DDPM's step variance is the posterior's, eta is DDIM's; for eta use sampler=ddim sampler.eta=..."
+    }
+
+    def make_scheduler(self, scheduler_config) -> DDPMScheduler:
+        return DDPMScheduler.from_config(scheduler_config, variance_type="fixed_small")
+
+    def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
+        return ddpm_step_with_log_prob(
+            self.scheduler, model_output, t, sample, prev_sample=prev_sample, variance_noise=variance_noise
         )

@@ -10,13 +10,15 @@ One epoch, as the runner executes it:
     PREPARE    ``algorithm.prepare(rollout, comm)``: advantages / pairs (may
                gather across processes: all processes call it)
     TRAINING   ``algorithm.update(rollout, ctx)``: the paper's update, written
-               out with ``ctx.log_prob`` (``step_log_probs`` for several steps
-               at once), ``ctx.backward`` and ``ctx.step``
+               out with ``ctx.backward_rows`` (the policy's step at (sample,
+               step) rows, with gradients), ``ctx.steps`` (without; also pi_ref's)
+               and ``ctx.step`` (the optimizer); rlft/algorithms/ppo.py holds
+               the PPO schedule DDPO, PXPO and GRPO share
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +26,8 @@ import torch
 from torch import Tensor
 
 from rlft.errors import ConfigError
-from rlft.sampling import Trajectory
+from rlft.learner import Rows
+from rlft.sampling import StepOutput, Trajectory
 
 
 @dataclass
@@ -71,20 +74,28 @@ class Comm(Protocol):
 
 
 class TrainContext(Protocol):
-    """What an update may touch: the policy's log-prob, backward and the optimizer step."""
+    """What an update may touch: the policy's whole step at (sample, step) rows (rlft/learner.py), the
+    reference policy's, backward and the optimizer step."""
 
     generator: torch.Generator  # CPU, seeded per (seed, epoch, process): the order of this process's samples
     train_batch_size: int  # per process
     gradient_accumulation_steps: int
-    timesteps_per_forward: int  # denoising steps of a micro-batch stacked into one UNet call (``step_log_probs``)
 
     def sample_generator(self, *key: int) -> torch.Generator:
         """A CPU generator seeded by (seed, epoch, *key), e.g. (inner epoch, sample index): a draw made
         per sample with it does not depend on batch sizes or the number of processes."""
         ...
 
-    def log_prob(self, rollout: Rollout, index: Tensor, step: Tensor) -> Tensor:
-        """reduce(log pi_theta(x_{j+1} | x_j, c)) of samples ``index`` at steps ``step`` (with grad)  [b, ...]"""
+    def steps(self, rollout: Rollout, rows: Rows, reference: bool = False) -> StepOutput:
+        """The step x_j -> x_{j+1} at each row under pi_theta (or pi_ref), no gradient: reduced
+        log-prob, mean and std  [n, ...]."""
+        ...
+
+    def backward_rows(
+        self, rollout: Rollout, rows: Rows, loss: Callable[[StepOutput, slice], Tensor], sync: bool = True
+    ) -> StepOutput:
+        """The step at each row with gradients, in calls of ``trainer.rows_per_call`` rows; ``loss(step, part)``
+        of each call is backpropagated at once. Returns every row's step, detached."""
         ...
 
     def backward(self, loss: Tensor, sync: bool = True) -> None:
@@ -94,27 +105,6 @@ class TrainContext(Protocol):
     def step(self) -> float:
         """Clip the gradient norm, optimizer.step(), zero_grad(); returns the pre-clip norm."""
         ...
-
-
-def stacked_steps(log_prob, index: Tensor, steps: Tensor) -> Tensor:
-    """``log_prob(index', step')`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...].
-
-    Row i of ``steps`` holds sample i's steps. Stacking k steps multiplies the UNet batch, and its
-    activations, by k; a loss summed over them has the gradient of k one-step calls, up to summation order.
-    """
-    b, k = steps.shape
-    out = log_prob(index.repeat_interleave(k), steps.flatten())
-    return out.view(b, k, *out.shape[1:])
-
-
-def step_log_probs(ctx: TrainContext, rollout: Rollout, index: Tensor, steps: Tensor) -> Tensor:
-    """``ctx.log_prob`` of samples ``index`` [b] at steps ``steps`` [b, k] in one call  -> [b, k, ...]."""
-    return stacked_steps(lambda i, s: ctx.log_prob(rollout, i, s), index, steps)
-
-
-def step_chunks(num_steps: int, size: int) -> list[slice]:
-    """Consecutive slices of ``range(num_steps)`` of at most ``size`` steps (the last may be shorter)."""
-    return [slice(j, min(j + size, num_steps)) for j in range(0, num_steps, size)]
 
 
 class Algorithm:

@@ -25,9 +25,9 @@ when ``gradient_accumulation_steps`` covers all micro-batches, as in the paper).
 
 Memory: L depends on theta only through the per-step values rhat_t(i). One
 pass without gradients gives every value, hence the coefficients
-w_{i,t} = dL / d rhat_t(i) on the small [B, T] tensor (which max branch is
-active, which steps sit inside the clip); a second pass backpropagates the
-surrogate sum_{i,t} w_{i,t} log pi_theta(x^i_{t-1} | x^i_t, c) step by step.
+w_{i,t} = dL / d log pi_theta(i, t), by autograd on the small [B, T] tensor; a
+second pass backpropagates the surrogate sum_{i,t} w_{i,t} log pi_theta(x^i_{t-1} | x^i_t, c)
+in calls of ``trainer.rows_per_call`` (sample, step) rows (rlft/learner.py).
 Its gradient equals the full autograd gradient of L (tests/test_prdp.py), and
 no step keeps more than one UNet graph alive. Before the first optimizer step
 of an epoch theta equals the old policy, so the recorded log pi_old serve as
@@ -46,8 +46,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, step_chunks, step_log_probs
+from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext
 from rlft.errors import ConfigError
+from rlft.learner import Rows
 from rlft.sampling import compute_dtype
 
 
@@ -119,29 +120,27 @@ def prdp_coefficients(
     clip_range: float,
     aggregation: str = "mean",
 ) -> tuple[Tensor, dict[str, float]]:
-    """w_{i,t} = dL / d log pi_theta(x^i_{t-1} | x^i_t)  [B, T], from values alone (no graph), plus diagnostics.
+    """w_{i,t} = dL / d log pi_theta(x^i_{t-1} | x^i_t)  [B, T], by autograd on the small [B, T] tensor of
+    values (no UNet graph), plus diagnostics.
 
-    For a pair (a, b) with error e = rhat_a - rhat_b - dr/beta (or e_clip), the active max branch
-    contributes 2 e to sample a and -2 e to sample b, times d agg / d rhat_t (1/T or 1), times
-    1[step t inside its clip interval] on the clipped branch (torch.clamp's gradient, bounds included;
-    where both branches are equal, torch.maximum splits the gradient evenly and so do we).
+    For a pair (a, b) with error e = rhat_a - rhat_b - dr/beta (or e_clip), the active max branch gives
+    2 e to sample a and -2 e to sample b, times d agg / d rhat_t (1/T or 1), times 1[step t inside its clip
+    interval] on the clipped branch (tests/test_prdp.py checks these values by hand and App. G's).
     """
-    rhat_t, lo, hi, a, b, weight, e, e_clip = _pair_errors(
-        log_prob, old_log_prob, ref_log_prob, rewards, group, beta, clip_range, aggregation
-    )
-    inside = ((rhat_t >= lo) & (rhat_t <= hi)).to(log_prob.dtype)  # d rhat_clip_t / d rhat_t
-    d_agg = 1.0 / log_prob.shape[1] if aggregation == "mean" else 1.0
-    share = torch.where(e**2 > e_clip**2, 1.0, torch.where(e**2 < e_clip**2, 0.0, 0.5)).to(log_prob)
-    g = weight * 2 * e * share * d_agg  # dL/d rhat_t per pair, unclipped branch   [P]
-    g_clip = weight * 2 * e_clip * (1 - share) * d_agg  # clipped branch, before the inside mask
-    w = torch.zeros_like(log_prob)
-    w.index_add_(0, a, g[:, None].expand(-1, w.shape[1]) + g_clip[:, None] * inside[a])
-    w.index_add_(0, b, -g[:, None].expand(-1, w.shape[1]) - g_clip[:, None] * inside[b])
+    values = log_prob.detach().requires_grad_(True)
+    with torch.enable_grad():
+        rhat_t, lo, hi, a, b, weight, e, e_clip = _pair_errors(
+            values, old_log_prob, ref_log_prob, rewards, group, beta, clip_range, aggregation
+        )
+        loss = (weight * torch.maximum(e**2, e_clip**2)).sum()
+        (w,) = torch.autograd.grad(loss, values, allow_unused=True) if len(a) else (None,)
+    w = torch.zeros_like(log_prob) if w is None else w
+    inside = (rhat_t >= lo) & (rhat_t <= hi)
     diagnostics = {
-        "train/loss": float((weight * torch.maximum(e**2, e_clip**2)).sum()),
+        "train/loss": float(loss.detach()),
         "train/prdp_pairs": float(len(a)),
-        "train/clipfrac": float((1 - inside).mean()),  # steps that moved more than eps from pi_old
-        "train/prdp_abs_error": float(e.abs().mean()) if len(a) else 0.0,
+        "train/clipfrac": float((~inside).to(log_prob.dtype).mean()),  # steps that moved more than eps from pi_old
+        "train/prdp_abs_error": float(e.detach().abs().mean()) if len(a) else 0.0,
         "train/approx_kl": float(0.5 * ((log_prob - old_log_prob) ** 2).mean()),
     }
     return w, diagnostics
@@ -207,7 +206,7 @@ class PRDP(Algorithm):
         tbs, accum = ctx.train_batch_size, ctx.gradient_accumulation_steps
         minibatch = tbs * accum
         prompts = torch.unique_consecutive(group)  # images of one prompt are contiguous
-        rows, stepped = [], False
+        records, stepped = [], False
         for _ in range(self.num_inner_epochs):
             order = prompts[torch.randperm(len(prompts), generator=ctx.generator)]
             samples = torch.cat([torch.nonzero(group == p).flatten() for p in order])  # whole prompts, shuffled
@@ -221,33 +220,27 @@ class PRDP(Algorithm):
                     current, old[index], ref[index], rewards[index], group[index], self.beta, self.clip_range,
                     self.aggregation,
                 )  # fmt: skip
-                # pass 2: backpropagate sum_{i,t} w_{i,t} log pi_theta(i, t), one step and micro-batch at a time
-                chunks = step_chunks(len(steps), ctx.timesteps_per_forward)
-                for m in range(0, len(index), tbs):
-                    micro = torch.arange(m, min(m + tbs, len(index)))
-                    for c, chunk in enumerate(chunks):
-                        step = steps[chunk].expand(len(micro), -1)  # [b, k]
-                        log_prob = step_log_probs(ctx, rollout, index[micro], step)  # [b, k]
-                        surrogate = (w[micro, chunk].to(log_prob) * log_prob).sum()
-                        last = m + tbs >= len(index) and c == len(chunks) - 1
-                        ctx.backward(surrogate, sync=last)  # DDP averages the processes' prompt means
+                # pass 2: backpropagate sum_{i,t} w_{i,t} log pi_theta(i, t) (in calls of trainer.rows_per_call rows)
+                rows = Rows.of(index, steps.expand(len(index), -1))
+                w_rows = Rows.of(torch.arange(len(index)), torch.arange(len(steps)).expand(len(index), -1))
+                w_rows = w[w_rows.index, w_rows.step]  # [M T], in the rows' order
+
+                def surrogate(step, part, w_rows=w_rows):
+                    return (w_rows[part].to(step.log_prob) * step.log_prob).sum()
+
+                ctx.backward_rows(rollout, rows, surrogate)  # DDP averages the processes' prompt means
                 diag["train/grad_norm"] = ctx.step()
                 diag["perf/prdp_values_s"], diag["perf/prdp_backward_s"] = t1 - t0, time.perf_counter() - t1
                 stepped = True
-                rows.append(diag)
-        out = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0] if not k.startswith("perf/")}
+                records.append(diag)
+        out = {k: sum(r[k] for r in records) / len(records) for k in records[0] if not k.startswith("perf/")}
         for k in ("perf/prdp_values_s", "perf/prdp_backward_s"):  # epoch totals
-            out[k] = sum(r[k] for r in rows)
-        out["train/optimizer_steps"] = float(len(rows))
+            out[k] = sum(r[k] for r in records)
+        out["train/optimizer_steps"] = float(len(records))
         return out
 
     @torch.no_grad()
     def _values(self, rollout: Rollout, ctx: TrainContext, index: Tensor, steps: Tensor) -> Tensor:
         """log pi_theta at every trainable step of samples ``index``, without a graph  [M, T]."""
-        out = torch.empty(len(index), len(steps), dtype=compute_dtype(rollout.log_probs))
-        for m in range(0, len(index), ctx.train_batch_size):
-            micro = index[m : m + ctx.train_batch_size]
-            for chunk in step_chunks(len(steps), ctx.timesteps_per_forward):
-                step = steps[chunk].expand(len(micro), -1)  # [b, k]
-                out[m : m + len(micro), chunk] = step_log_probs(ctx, rollout, micro, step).to(out)
-        return out
+        values = ctx.steps(rollout, Rows.of(index, steps.expand(len(index), -1))).log_prob
+        return Rows.unflatten(values, len(index)).to(compute_dtype(rollout.log_probs))

@@ -11,7 +11,8 @@ log-probability by that position's own reward (eq. 9):
 dropping the cross terms between positions (that is the method).
 
 Here, as in DDPO, the reward becomes an advantage and the update is DDPO's
-schedule (inner epochs, step shuffling, accumulation), applied per position:
+schedule (rlft/algorithms/ppo.py: inner epochs, step shuffling, accumulation),
+applied per position:
 
     rbar^{ij}  = avgpool_f(r)^{ij}          (image resolution -> latent, kernel f = VAE factor)
     A^{ij}     = (rbar^{ij} - mean_c rbar^{ij}) / (std + 1e-6),  clipped to +-adv_clip_max,
@@ -40,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rlft.algorithms.base import Comm, Rollout
-from rlft.algorithms.ddpo import DDPO
+from rlft.algorithms.base import Comm, Rollout, TrainContext
+from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss, ppo_diagnostics
 from rlft.errors import ConfigError
-from rlft.sampling import compute_dtype
+from rlft.learner import Rows
+from rlft.sampling import StepOutput, compute_dtype
 
 
 def pool_to_latent(maps: Tensor, latent_hw: tuple[int, int]) -> Tensor:
@@ -72,7 +74,7 @@ def map_advantages(rbar: Tensor, group: Tensor, baseline: str, std: str, comm: C
     return centred
 
 
-class PXPO(DDPO):
+class PXPO(PPOAlgorithm):
     """DDPO's update with a log-prob map per latent position and a reward map per position."""
 
     def __init__(
@@ -87,8 +89,14 @@ class PXPO(DDPO):
         broadcast_scalar_reward: bool = False,
     ):
         super().__init__(
-            estimator, clip_range, adv_clip_max, timestep_fraction, num_inner_epochs, per_prompt_stat_tracking=False
+            clip_range=clip_range,
+            adv_clip_max=adv_clip_max,
+            timestep_fraction=timestep_fraction,
+            num_inner_epochs=num_inner_epochs,
         )
+        if estimator not in ("ppo", "sf"):
+            raise ConfigError("algorithm.estimator", f"'{estimator}' is not one of ppo, sf")
+        self.estimator = estimator
         if baseline not in ("prompt_mean", "none"):
             raise ConfigError("algorithm.baseline", f"'{baseline}' is not one of prompt_mean, none")
         if std not in ("prompt", "global", "none"):
@@ -124,9 +132,16 @@ class PXPO(DDPO):
         """Sum over channels: the log-density of each latent position  [b, C, h, w] -> [b, h, w]."""
         return log_prob.sum(dim=1)
 
-    def per_sample(self, loss: Tensor) -> Tensor:
-        """Sum over positions  [b, h, w] -> [b]."""
-        return loss.flatten(1).sum(dim=1)
+    def row_loss(
+        self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """L_t summed over positions (the sf or ppo form above)  [n, h, w] -> [n]."""
+        old = rollout.log_probs[rows.index, rows.step].to(step.log_prob)
+        if self.estimator == "ppo":
+            loss = ppo_clip_loss(advantages, step.log_prob, old, self.clip_range)
+        else:
+            loss = -advantages * step.log_prob
+        return loss.flatten(1).sum(dim=1), ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
 
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
         latent_hw = tuple(rollout.log_probs.shape[-2:])

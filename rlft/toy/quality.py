@@ -28,14 +28,14 @@ def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10, guid
     """{split: {row: (mean, se, n)}} for rows all / single_object / two_objects / each sub-score, and
     a few images per split (single- and two-object prompts, first seed) for a grid."""
     from rlft.models import DiffusionPolicy
-    from rlft.sampling import Sampler, make_scheduler
+    from rlft.sampling import DDIM
     from rlft.seeding import EVAL, sample_noise
     from rlft.toy.grammar import ToyPrompts, parse
     from rlft.toy.rewards import ToyAlignment
 
     policy = DiffusionPolicy.from_pretrained(path, finetune="full")
-    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), steps, 1.0, guidance)
-    negative, reward = policy.encode_prompts([""]), ToyAlignment()
+    sampler = DDIM(steps, eta=1.0, guidance_scale=guidance).setup(policy.scheduler_config)
+    reward = ToyAlignment()
     out: dict = {"model": str(path), "steps": steps, "splits": {}, "images": {}}
     for split in SPLITS:
         unique = [p.text for p in ToyPrompts(split).evaluation_prompts(prompts)]
@@ -46,10 +46,7 @@ def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10, guid
             noise = sample_noise(
                 [(0, EVAL, 1234, i) for i in range(start, start + len(chunk))], steps, policy.latent_shape
             )
-            traj = sampler.sample(
-                policy.unet, policy.decode, policy.encode_prompts(chunk), negative, policy.latent_shape, noise,
-                lambda lp: lp.mean(dim=(1, 2, 3)),
-            )  # fmt: skip
+            traj = sampler.sample(policy, policy.encode(chunk), noise, lambda lp: lp.mean(dim=(1, 2, 3)))
             r = reward(traj.images, chunk, [{}] * len(chunk))
             scores += r.scores.tolist()
             for k, v in r.parts.items():
