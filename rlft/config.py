@@ -314,6 +314,7 @@ def validate(cfg: DictConfig) -> None:
         )
     for name, node in eval_datasets.items():
         validate_component(f"{EVAL_DATASETS}.{name}", node)
+    build(cfg.sampler, "sampler")  # its values (steps, eta, guidance): a sampler is built without the model
     t = cfg.trainer
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError("trainer.mixed_precision", f"'{t.mixed_precision}' is not one of no, fp16, bf16")

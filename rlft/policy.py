@@ -41,7 +41,7 @@ class Conditioning:
         return Conditioning({k: v[index] for k, v in self.inputs.items()}, self.negative)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> Conditioning:
-        move = lambda v: v.to(device, dtype) if v.is_floating_point() else v.to(device)  # noqa: E731
+        move = lambda v: v.to(device=device, dtype=dtype) if v.is_floating_point() else v.to(device=device)  # noqa: E731
         return Conditioning(
             {k: move(v) for k, v in self.inputs.items()}, {k: move(v) for k, v in self.negative.items()}
         )

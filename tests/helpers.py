@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rlft.learner import Learner, Rows
 from rlft.rewards.base import Reward, RewardOutput
 from rlft.seeding import seeded_generator
 
@@ -38,37 +39,27 @@ class SingleProcessComm:
         return list(items)
 
 
-class SGDContext:
-    """TrainContext over a real UNet: records each optimizer step's gradient, then takes a plain SGD step."""
+class SGDContext(Learner):
+    """The runner's TrainContext (rlft/learner.py) over ``policy`` predicting with ``unet`` (a float64 copy),
+    for ``algorithm``; records each optimizer step's gradient and parameters, then takes a plain SGD step."""
 
-    def __init__(self, unet, sampler, negative, tbs, accum, lr, timesteps_per_forward=1):
-        self.unet, self.sampler, self.negative = unet, sampler, negative
-        self.timesteps_per_forward = timesteps_per_forward
-        self.generator = torch.Generator().manual_seed(0)
-        self.train_batch_size, self.gradient_accumulation_steps = tbs, accum
-        self.lr = lr
+    def __init__(self, policy, unet, sampler, algorithm, tbs, accum, lr, rows_per_call=None):
+        self.unet, self.lr = unet, lr
         self.grads, self.params_before = [], []
-        self.algorithm = None
-
-    def sample_generator(self, *key):
-        return seeded_generator(0, *key)
-
-    def log_prob(self, rollout, index, step):
-        traj = rollout.trajectory
-        lp = self.sampler.log_prob(
-            self.unet,
-            traj.latents[index, step],
-            traj.latents[index, step + 1],
-            traj.timesteps[step],
-            traj.prompt_embeds[index],
-            self.negative,
+        super().__init__(
+            policy.with_unet(unet),
+            sampler,
+            algorithm.reduce_log_prob,
+            train_batch_size=tbs,
+            gradient_accumulation_steps=accum,
+            rows_per_call=rows_per_call,
+            generator=torch.Generator().manual_seed(0),
+            sample_generator=lambda *key: seeded_generator(0, *key),
+            backward=lambda loss, sync: loss.backward(),
+            optimizer_step=self._sgd,
         )
-        return self.algorithm.reduce_log_prob(lp)
 
-    def backward(self, loss, sync=True):
-        loss.backward()
-
-    def step(self):
+    def _sgd(self) -> float:
         params = [p for p in self.unet.parameters() if p.requires_grad]
         self.params_before.append([p.detach().clone() for p in params])
         self.grads.append([p.grad.detach().clone() for p in params])
@@ -78,11 +69,11 @@ class SGDContext:
                 p.grad = None
         return 0.0
 
-
-def all_log_probs(ctx, rollout, steps):
-    """log pi_theta of every sample at every step in ``steps``, through ``ctx`` (with the graph)  [B, T, ...]."""
-    B = rollout.batch_size
-    return torch.stack([ctx.log_prob(rollout, torch.arange(B), s.expand(B)) for s in steps], dim=1)
+    def log_probs(self, rollout, steps):
+        """log pi_theta of every sample at every step in ``steps`` (with the graph)  [B, T, ...]."""
+        B = rollout.batch_size
+        rows = Rows.of(torch.arange(B), steps.expand(B, -1))
+        return Rows.unflatten(self._step(self.policy, rollout, rows).log_prob, B)
 
 
 def eval_table(run, name: str, epoch: int) -> list[tuple[str, float]]:

@@ -97,7 +97,9 @@ BAD_VALUES = [  # (override, the key the message names): ranges, checked before 
     ("trainer.eval_num_prompts=0", "trainer.eval_num_prompts"),
     ("trainer.eval_images_per_prompt=0", "trainer.eval_images_per_prompt"),
     ("trainer.log_images=-1", "trainer.log_images"),
-    ("trainer.timesteps_per_forward=0", "trainer.timesteps_per_forward"),
+    ("trainer.rows_per_call=0", "trainer.rows_per_call"),
+    ("sampler.eta=1.5", "sampler.eta"),
+    ("sampler.guidance_scale=0.5", "sampler.guidance_scale"),
 ]
 
 
@@ -151,6 +153,7 @@ BAD_INPUTS = [
     ),
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
+    (["sampler=ddpm", "+sampler.eta=0.5"], ["sampler.eta: is not an option of rlft.sampling.DDPM", "sampler=ddim"], 2),
     (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
     (
         ["model.path=/nonexistent/sd", "model.builder=null"],
@@ -261,7 +264,7 @@ def test_the_headline_command_is_prdps_paper_setting_on_sd14():
     a, t = cfg.algorithm, cfg.trainer
     assert (a.beta, a.clip_range, a.num_inner_epochs) == (3e-5, 1e-6, 10)
     assert (cfg.optimizer.lr, cfg.optimizer.weight_decay) == (1e-5, 1e-4)
-    assert (cfg.sampler.scheduler, cfg.sampler.num_steps, cfg.sampler.guidance_scale) == ("ddpm", 50, 5.0)
+    assert (cfg.sampler._target_, cfg.sampler.num_steps, cfg.sampler.guidance_scale) == ("rlft.sampling.DDPM", 50, 5.0)
     assert (t.epochs, t.prompts_per_epoch, t.images_per_prompt) == (100, 32, 16)
     assert cfg.dataset.name == "simple_animals" and cfg.dataset.template == "A painting of a {}"
     # the default algorithm is PRDP, so the reward alone means the same

@@ -10,7 +10,8 @@ import torch
 from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
-from rlft.sampling import Trajectory
+from rlft.policy import Conditioning
+from rlft.sampling import StepOutput, Trajectory
 from rlft.seeding import seeded_generator
 from tests.helpers import SingleProcessComm
 
@@ -67,8 +68,6 @@ def test_stat_tracker_bounds_prompts_and_round_trips():
 class _RecordingContext:
     """A TrainContext whose 'policy' is a parameter per (sample, step): records the schedule."""
 
-    timesteps_per_forward = 1
-
     def __init__(self, B, S, tbs, accum):
         self.theta = torch.zeros(B, S, dtype=torch.float64, requires_grad=True)
         self.generator = torch.Generator().manual_seed(0)
@@ -78,9 +77,11 @@ class _RecordingContext:
     def sample_generator(self, *key):
         return seeded_generator(0, *key)
 
-    def log_prob(self, rollout, index, step):
-        self.calls.append((index.clone(), step.clone()))
-        return self.theta[index, step]
+    def backward_rows(self, rollout, rows, loss, sync=True):
+        self.calls.append((rows.index.clone(), rows.step.clone()))
+        log_prob = self.theta[rows.index, rows.step]
+        self.backward(loss(StepOutput(None, log_prob, None, None), slice(0, len(rows))), sync)
+        return StepOutput(None, log_prob.detach(), None, None)
 
     def backward(self, loss, sync=True):
         loss.backward()
@@ -99,7 +100,7 @@ def _rollout(B=8, S=6, stochastic=None):
         torch.zeros(B, S, dtype=torch.float64),
         torch.arange(S),
         stochastic,
-        torch.zeros(B, 1, 1),
+        Conditioning({"encoder_hidden_states": torch.zeros(B, 1, 1)}),
         torch.zeros(B, 3, 2, 2),
     )
     rollout = Rollout(traj, [f"p{i // 2}" for i in range(B)], torch.arange(B) // 2, torch.arange(B).double())

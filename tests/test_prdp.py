@@ -11,8 +11,8 @@ import torch
 from rlft.algorithms.base import Rollout
 from rlft.algorithms.prdp import PRDP, pairs_of, prdp_coefficients, prdp_loss
 from rlft.errors import ConfigError
-from rlft.sampling import Sampler, make_scheduler
-from tests.helpers import SGDContext, all_log_probs
+from rlft.sampling import DDIM
+from tests.helpers import SGDContext
 
 
 def _hand_loss(logp, old, ref, rewards, group, beta, eps, aggregation):
@@ -135,15 +135,11 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
     with torch.no_grad():  # the reference is "pretrained": a different set of weights
         for p in reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), 3, 1.0, 5.0)
-    negative = policy.encode_prompts([""]).double()
+    sampler = DDIM(3, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
     prompts = ["cat"] * 3 + ["dog"] * 3
-    embeds = policy.encode_prompts(prompts).double()
+    cond = policy.encode(prompts).to(dtype=torch.float64)
     algo = PRDP(beta=1e-2, clip_range=1.0, num_inner_epochs=1)
-    traj = sampler.sample(
-        unet, policy.decode, embeds, negative, policy.latent_shape, torch.Generator().manual_seed(1),
-        algo.reduce_log_prob,
-    )  # fmt: skip
+    traj = sampler.sample(policy.with_unet(unet), cond, torch.Generator().manual_seed(1), algo.reduce_log_prob)
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     rewards = torch.tensor([0.3, 0.1, 0.3, 0.5, 0.2, 0.9], dtype=torch.float64)  # a tie in the first prompt
     rollout = Rollout(traj, prompts, group, rewards)
@@ -152,7 +148,9 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         rollout.ref_log_probs = torch.stack(
             [
                 algo.reduce_log_prob(
-                    sampler.log_prob(reference, traj.latents[:, j], traj.latents[:, j + 1], t, embeds, negative)
+                    sampler.step(
+                        policy.with_unet(reference), traj.latents[:, j], t, cond, prev_sample=traj.latents[:, j + 1]
+                    ).log_prob
                 )
                 for j, t in enumerate(traj.timesteps)
             ],
@@ -160,11 +158,10 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         )
     # a dry run of one step tells how far the values move, so that eps clips some steps and not others
     theta0 = copy.deepcopy(unet.state_dict())
-    dry = SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
-    dry.algorithm = algo
+    dry = SGDContext(policy, unet, sampler, algo, tbs=2, accum=3, lr=1e-4)
     algo.update(rollout, dry)
     with torch.no_grad():
-        moved = (all_log_probs(dry, rollout, steps) - rollout.log_probs[:, steps]).abs()
+        moved = (dry.log_probs(rollout, steps) - rollout.log_probs[:, steps]).abs()
     unet.load_state_dict(theta0)
     # halfway between the two middle values: no step sits on the clip boundary, where a last-bit
     # difference in summation order would flip it between clipped and not
@@ -173,8 +170,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
     assert 0 < algo.clip_range < 1, algo.clip_range
 
     algo.num_inner_epochs = 2
-    ctx = SGDContext(unet, sampler, negative, tbs=2, accum=3, lr=1e-4)
-    ctx.algorithm = algo
+    ctx = SGDContext(policy, unet, sampler, algo, tbs=2, accum=3, lr=1e-4)
     metrics = algo.update(rollout, ctx)
     assert metrics["train/optimizer_steps"] == 2 and 0 < metrics["train/clipfrac"] < 1
     params = [p for p in unet.parameters() if p.requires_grad]
@@ -183,7 +179,7 @@ def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
         with torch.no_grad():
             for p, v in zip(params, ctx.params_before[k]):
                 p.copy_(v)
-        loss = prdp_loss(all_log_probs(ctx, rollout, steps), old, ref, rewards, group, algo.beta, algo.clip_range)
+        loss = prdp_loss(ctx.log_probs(rollout, steps), old, ref, rewards, group, algo.beta, algo.clip_range)
         expected = torch.autograd.grad(loss, params)
         got = torch.cat([g.flatten() for g in ctx.grads[k]])
         want = torch.cat([g.flatten() for g in expected])
@@ -200,31 +196,26 @@ def test_reference_policy_stays_fixed_while_the_policy_moves(tiny_path, finetune
     torch.manual_seed(0)
     policy = DiffusionPolicy.from_pretrained(str(tiny_path), finetune=finetune)
     policy.keep_reference()
-    unet = policy.unet
-    sampler = Sampler(make_scheduler("ddim", policy.scheduler_config), 3, 1.0, 5.0)
-    negative, embeds = policy.encode_prompts([""]), policy.encode_prompts(["cat", "dog"])
+    sampler = DDIM(3, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+    cond = policy.encode(["cat", "dog"])
     reduce = PRDP().reduce_log_prob
-    traj = sampler.sample(
-        unet, policy.decode, embeds, negative, policy.latent_shape, torch.Generator().manual_seed(0), reduce
-    )
+    traj = sampler.sample(policy, cond, torch.Generator().manual_seed(0), reduce)
 
     def log_probs(model):  # first step of both samples  [B]
-        args = (traj.latents[:, 0], traj.latents[:, 1], traj.timesteps[0], embeds, negative)
-        return reduce(sampler.log_prob(model, *args))
+        step = sampler.step(model, traj.latents[:, 0], traj.timesteps[0], cond, prev_sample=traj.latents[:, 1])
+        return reduce(step.log_prob)
 
-    with torch.no_grad(), policy.reference(unet) as ref:
-        ref_before = log_probs(ref)
     with torch.no_grad():
-        policy_before = log_probs(unet)
+        ref_before = log_probs(policy.reference_policy())
+        policy_before = log_probs(policy)
     assert torch.allclose(policy_before, ref_before)  # before training, pi_theta = pi_ref
     optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
-        (-log_probs(unet).mean()).backward()
+        (-log_probs(policy).mean()).backward()
         optimizer.step()
-    with torch.no_grad(), policy.reference(unet) as ref:
-        ref_after = log_probs(ref)
     with torch.no_grad():
-        policy_after = log_probs(unet)
+        ref_after = log_probs(policy.reference_policy())
+        policy_after = log_probs(policy)
     assert torch.equal(ref_before, ref_after)
     assert (policy_after - policy_before).abs().min() > 1e-4, policy_after - policy_before

@@ -12,8 +12,8 @@ from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO
 from rlft.algorithms.pxpo import PXPO, map_advantages, pool_to_latent
 from rlft.errors import ConfigError
-from rlft.sampling import Sampler, make_scheduler
-from tests.helpers import SGDContext, SingleProcessComm, all_log_probs
+from rlft.sampling import DDIM
+from tests.helpers import SGDContext, SingleProcessComm
 
 
 def test_pooling_and_advantages_by_hand():
@@ -47,19 +47,16 @@ def test_bad_settings_and_scalar_rewards_fail_with_the_fix():
 
 def _sampled(tiny_policy, prompts, algo, seed=1, steps=3, dtype=torch.float32):
     unet = copy.deepcopy(tiny_policy.unet).to(dtype).train()
-    sampler = Sampler(make_scheduler("ddim", tiny_policy.scheduler_config), steps, 1.0, 5.0)
-    negative = tiny_policy.encode_prompts([""]).to(dtype)
-    embeds = tiny_policy.encode_prompts(prompts).to(dtype)
+    sampler = DDIM(steps, eta=1.0, guidance_scale=5.0).setup(tiny_policy.scheduler_config)
+    cond = tiny_policy.encode(prompts).to(dtype=dtype)
     traj = sampler.sample(
-        unet, tiny_policy.decode, embeds, negative, tiny_policy.latent_shape, torch.Generator().manual_seed(seed),
-        algo.reduce_log_prob,
-    )  # fmt: skip
-    return unet, sampler, negative, traj
+        tiny_policy.with_unet(unet), cond, torch.Generator().manual_seed(seed), algo.reduce_log_prob
+    )
+    return unet, sampler, traj
 
 
-def _one_step_gradient(algo, rollout, unet, sampler, negative):
-    ctx = SGDContext(unet, sampler, negative, tbs=rollout.batch_size, accum=1, lr=0.0)
-    ctx.algorithm = algo
+def _one_step_gradient(policy, algo, rollout, unet, sampler):
+    ctx = SGDContext(policy, unet, sampler, algo, tbs=rollout.batch_size, accum=1, lr=0.0)
     algo.prepare(rollout, SingleProcessComm())
     algo.update(rollout, ctx)
     assert len(ctx.grads) == 1
@@ -74,14 +71,14 @@ def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(tiny_policy):
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     scores = torch.tensor([0.3, 0.1, 0.6, 0.5, 0.2, 0.9], dtype=torch.float64)
     pxpo = PXPO(estimator="sf", baseline="prompt_mean", std="prompt")
-    unet, sampler, negative, traj = _sampled(tiny_policy, prompts, pxpo, dtype=torch.float64)
+    unet, sampler, traj = _sampled(tiny_policy, prompts, pxpo, dtype=torch.float64)
     H, W = traj.images.shape[-2:]
     maps = scores[:, None, None].expand(-1, H, W).clone()  # uniform per image
-    got = _one_step_gradient(pxpo, Rollout(traj, prompts, group, scores, maps), unet, sampler, negative)
+    got = _one_step_gradient(tiny_policy, pxpo, Rollout(traj, prompts, group, scores, maps), unet, sampler)
 
     ddpo = DDPO(estimator="sf", log_prob_reduction="sum", stat_min_count=3)  # per-prompt stats of this batch
     summed = dataclasses.replace(traj, log_probs=traj.log_probs.flatten(2).sum(dim=2))  # [B, S]
-    want = _one_step_gradient(ddpo, Rollout(summed, prompts, group, scores), unet, sampler, negative)
+    want = _one_step_gradient(tiny_policy, ddpo, Rollout(summed, prompts, group, scores), unet, sampler)
     assert want.norm() > 0 and got.dtype == torch.float64
     assert (got - want).norm() <= 1e-10 * want.norm(), ((got - want).norm(), want.norm())
 
@@ -92,18 +89,17 @@ def test_left_positive_right_negative_map_moves_each_half_its_own_way(tiny_polic
     torch.manual_seed(0)
     prompts = ["cat", "dog", "bird", "fish"]
     algo = PXPO(estimator="sf", baseline="none", std="none")
-    unet, sampler, negative, traj = _sampled(tiny_policy, prompts, algo, steps=4)
+    unet, sampler, traj = _sampled(tiny_policy, prompts, algo, steps=4)
     H, W = traj.images.shape[-2:]
     maps = torch.ones(len(prompts), H, W)
     maps[:, :, W // 2 :] = -1.0
     rollout = Rollout(traj, prompts, torch.arange(len(prompts)), maps.sum(dim=(1, 2)), maps)
-    ctx = SGDContext(unet, sampler, negative, tbs=len(prompts), accum=1, lr=1e-6)
-    ctx.algorithm = algo
+    ctx = SGDContext(tiny_policy, unet, sampler, algo, tbs=len(prompts), accum=1, lr=1e-6)
     algo.prepare(rollout, comm=None)
     algo.update(rollout, ctx)
     steps = rollout.trainable_steps
     with torch.no_grad():
-        after = all_log_probs(ctx, rollout, steps)
+        after = ctx.log_probs(rollout, steps)
     change = after - rollout.log_probs[:, steps]  # [B, T, h, w]
     w = change.shape[-1]
     left, right = change[..., : w // 2].sum(), change[..., w // 2 :].sum()
@@ -121,7 +117,7 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
 
     torch.manual_seed(0)
     algo = PXPO(estimator="sf", baseline="none", std="prompt")  # experiments/pxpo_feedback.yaml
-    unet, sampler, negative, first = _sampled(tiny_policy, ["a cat"], algo, seed=7, steps=4)
+    unet, sampler, first = _sampled(tiny_policy, ["a cat"], algo, seed=7, steps=4)
     H, W = first.images.shape[-2:]
     painted = torch.full((64, 64), 128, dtype=torch.uint8)  # painted at another resolution, grey = neutral
     painted[:, :32], painted[:, 32:] = 255, 0
@@ -129,15 +125,11 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
     reward = FeedbackMap(root=str(tmp_path))
     metadata = [{"feedback_map": "map.png"}]
     reward.check_metadata(metadata)
-    ctx = SGDContext(unet, sampler, negative, tbs=1, accum=1, lr=1e-6)
-    ctx.algorithm = algo
-    embeds = tiny_policy.encode_prompts(["a cat"])
+    ctx = SGDContext(tiny_policy, unet, sampler, algo, tbs=1, accum=1, lr=1e-6)
+    cond = tiny_policy.encode(["a cat"])
 
     def draw():  # the same prompt and noise every time (trainer.fixed_sample_noise)
-        return sampler.sample(
-            unet, tiny_policy.decode, embeds, negative, tiny_policy.latent_shape, torch.Generator().manual_seed(7),
-            algo.reduce_log_prob,
-        )  # fmt: skip
+        return sampler.sample(ctx.policy, cond, torch.Generator().manual_seed(7), algo.reduce_log_prob)
 
     first_rollout = Rollout(first, ["a cat"], torch.tensor([0]), torch.zeros(1))
     for _ in range(4):
@@ -149,7 +141,7 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
         algo.update(rollout, ctx)
     steps = first_rollout.trainable_steps
     with torch.no_grad():
-        after = all_log_probs(ctx, first_rollout, steps)
+        after = ctx.log_probs(first_rollout, steps)
     change = after - first.log_probs[:, steps]  # [1, T, h, w]
     w = change.shape[-1]
     assert change[..., : w // 2].sum() > 0 > change[..., w // 2 :].sum()
@@ -162,17 +154,23 @@ def test_feedback_map_end_to_end_on_one_prompt_and_seed(tiny_policy, tmp_path):
 def test_ppo_ratio_is_per_position_and_scalar_rewards_broadcast():
     """estimator=ppo clips each position's ratio exp(log pi^{ij} - log pi_old^{ij}) on its own and sums the
     positions' losses; broadcast_scalar_reward turns scores into uniform maps (DDPO's advantages)."""
-    from rlft.algorithms.ddpo import ppo_clip_loss
+    from rlft.learner import Rows
+    from rlft.sampling import StepOutput
 
-    algo = PXPO(clip_range=0.1)
+    algo = PXPO(estimator="ppo", clip_range=0.1)
     adv = torch.tensor([[[1.0, -1.0, 2.0]]])  # [b=1, h=1, w=3]
-    old = torch.zeros(1, 1, 3)
     new = torch.tensor([[[0.5, 0.5, -0.01]]])  # ratios e^0.5 (clipped for A>0), e^0.5 (A<0: unclipped), ~0.99
     by_hand = 0.0
     for a, r in zip([1.0, -1.0, 2.0], torch.exp(new).flatten().tolist()):
         by_hand += max(-a * r, -a * min(max(r, 0.9), 1.1))
-    got = algo.per_sample(ppo_clip_loss(adv, new, old, algo.clip_range))
+
+    class _Old:  # the rollout's log pi_old at the row: zero at every position  [B=1, S=1, h, w]
+        log_probs = torch.zeros(1, 1, 1, 3)
+
+    rows, step = Rows(torch.tensor([0]), torch.tensor([0])), StepOutput(None, new, None, None)
+    got, diagnostics = algo.row_loss(_Old(), rows, step, adv, ctx=None)
     assert got.shape == (1,) and abs(float(got) - by_hand) < 1e-6
+    assert float(diagnostics["train/clipfrac"]) == pytest.approx(2 / 3)  # two of the three ratios leave 1 +- 0.1
 
     class _Traj:  # what prepare reads: the latent grid of the log-prob maps
         log_probs = torch.zeros(4, 2, 2, 2)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from rlft.sampling import Sampler, ddim_step_with_log_prob, ddpm_step_with_log_prob, make_scheduler
+from rlft.sampling import DDIM, DDPM, ddim_step_with_log_prob, ddpm_step_with_log_prob
 from rlft.seeding import sample_noise
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -89,7 +89,7 @@ def test_ddpm_last_step_is_deterministic():
     assert float(out.std.max()) == 0.0 and float(out.log_prob.abs().max()) == 0.0
     # diffusers clamps this step's variance to 1e-20 and adds noise of std 1e-10: equal up to that
     torch.testing.assert_close(out.prev_sample, sched.step(eps, t, x).prev_sample, rtol=0, atol=1e-9)
-    sampler = Sampler(make_scheduler("ddpm", sched.config), 20, 1.0, 5.0)
+    sampler = DDPM(20, guidance_scale=5.0).setup(sched.config)
     assert sampler.stochastic.tolist() == [True] * 19 + [False]
 
 
@@ -112,7 +112,7 @@ def test_ddpm_equals_ddim_with_eta_one():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_recorded_log_probs_equal_recomputed(tiny_policy, dtype):
-    """The rollout's log pi_old(x_{j+1} | x_j) equals Sampler.log_prob on the recorded latents, recomputed
+    """The rollout's log pi_old(x_{j+1} | x_j) equals Sampler.step on the recorded latents, recomputed
     one sample at a time (other kernel shapes, as a training micro-batch would be).
 
     float64: to float64 rounding. float32 is the path every run takes, and the point here: DDPO's ratio
@@ -123,12 +123,12 @@ def test_recorded_log_probs_equal_recomputed(tiny_policy, dtype):
     import copy
 
     p = tiny_policy
-    unet = copy.deepcopy(p.unet).to(dtype)
-    sampler = Sampler(make_scheduler("ddim", p.scheduler_config), 6, 1.0, 5.0)
-    embeds, neg = p.encode_prompts(["cat", "dog", "cow"]).to(dtype), p.encode_prompts([""]).to(dtype)
+    policy = p.with_unet(copy.deepcopy(p.unet).to(dtype))
+    sampler = DDIM(6, eta=1.0, guidance_scale=5.0).setup(p.scheduler_config)
+    cond = p.encode(["cat", "dog", "cow"]).to(dtype=dtype)
     mean = lambda lp: lp.mean(dim=(1, 2, 3))  # noqa: E731
     noise = sample_noise([(0, i) for i in range(3)], 6, p.latent_shape)
-    traj = sampler.sample(unet, p.decode, embeds, neg, p.latent_shape, noise, mean)
+    traj = sampler.sample(policy, cond, noise, mean)
     assert traj.latents.shape == (3, 7, *p.latent_shape) and traj.log_probs.shape == (3, 6)
     assert traj.latents.dtype == traj.log_probs.dtype == dtype
     assert traj.images.shape == (3, 3, 32, 32) and 0 <= float(traj.images.min()) <= float(traj.images.max()) <= 1
@@ -137,8 +137,8 @@ def test_recorded_log_probs_equal_recomputed(tiny_policy, dtype):
             [
                 torch.cat(
                     [
-                        mean(sampler.log_prob(unet, traj.latents[i : i + 1, j], traj.latents[i : i + 1, j + 1],
-                                              traj.timesteps[j].expand(1), embeds[i : i + 1], neg))
+                        mean(sampler.step(policy, traj.latents[i : i + 1, j], traj.timesteps[j].expand(1),
+                                          cond[i : i + 1], prev_sample=traj.latents[i : i + 1, j + 1]).log_prob)
                         for i in range(3)
                     ]
                 )
@@ -158,12 +158,12 @@ def test_per_sample_noise_does_not_depend_on_the_batch(tiny_policy):
     import copy
 
     p = tiny_policy
-    unet = copy.deepcopy(p.unet).double()
-    sampler = Sampler(make_scheduler("ddim", p.scheduler_config), 4, 1.0, 5.0)
-    embeds, neg = p.encode_prompts(["cat", "dog", "cow", "owl"]).double(), p.encode_prompts([""]).double()
+    policy = p.with_unet(copy.deepcopy(p.unet).double())
+    sampler = DDIM(4, eta=1.0, guidance_scale=5.0).setup(p.scheduler_config)
+    cond = p.encode(["cat", "dog", "cow", "owl"]).to(dtype=torch.float64)
     keys = [(0, 1, 0, i) for i in range(4)]
     draw = lambda rows: sampler.sample(  # noqa: E731
-        unet, p.decode, embeds[rows], neg, p.latent_shape, sample_noise(keys[rows], 4, p.latent_shape), lambda x: x
+        policy, cond[rows], sample_noise(keys[rows], 4, p.latent_shape), lambda x: x
     )
     whole, parts = draw(slice(0, 4)), [draw(slice(0, 1)), draw(slice(1, 4))]
     torch.testing.assert_close(torch.cat([t.latents for t in parts]), whole.latents, rtol=1e-10, atol=1e-12)

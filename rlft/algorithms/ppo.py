@@ -37,7 +37,7 @@ def ppo_clip_loss(advantages: Tensor, log_prob: Tensor, old_log_prob: Tensor, cl
 def ppo_diagnostics(log_prob: Tensor, old_log_prob: Tensor, clip_range: float) -> dict[str, Tensor]:
     """Per-row approx KL, 0.5 (log pi - log pi_old)^2, and the clipped fraction, each averaged over the
     row's remaining dimensions  [n]."""
-    diff = (log_prob - old_log_prob).flatten(1)
+    diff = (log_prob - old_log_prob).reshape(len(log_prob), -1)
     return {
         "train/approx_kl": 0.5 * (diff**2).mean(dim=1),
         "train/clipfrac": ((torch.exp(diff) - 1.0).abs() > clip_range).to(diff.dtype).mean(dim=1),

@@ -338,7 +338,7 @@ def pretrain(
     out: str,
     images: int = 96_000,
     vae_steps: int = 2500,
-    unet_steps: int = 12000,
+    unet_steps: int = 8000,
     batch: int = 64,
     seed: int = 0,
     log=print,
@@ -429,7 +429,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "weights"))
     parser.add_argument("--images", type=int, default=96_000)
     parser.add_argument("--vae-steps", type=int, default=2500)
-    parser.add_argument("--unet-steps", type=int, default=12000)
+    parser.add_argument("--unet-steps", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory (an earlier run's)")
