@@ -97,12 +97,6 @@ class BatchPlan:
                 f"{type(algorithm).__name__} compares images of the same prompt and needs at least "
                 f"{algorithm.min_images_per_prompt}, got {t.images_per_prompt}",
             )
-        if spp % s.batch_size:
-            raise ConfigError(
-                "sampler.batch_size",
-                f"{s.batch_size} does not divide the {spp} samples per process "
-                f"({ppp} prompts x {t.images_per_prompt} images)",
-            )
         if spp % t.train_batch_size:
             raise ConfigError(
                 "trainer.train_batch_size",
@@ -127,7 +121,8 @@ class BatchPlan:
         return (
             f"{self.prompts_per_epoch} prompts x {self.images_per_prompt} images = {total} samples per epoch "
             f"({self.samples_per_process} per process x {self.world_size} processes); sampling "
-            f"{self.samples_per_process // self.sample_batch_size} batches of {self.sample_batch_size} per process; "
+            f"{-(-self.samples_per_process // self.sample_batch_size)} batches of up to {self.sample_batch_size} "
+            "per process; "
             f"training {micro} micro-batches of {self.train_batch_size}, one optimizer step every "
             f"{self.gradient_accumulation_steps}"
         )

@@ -146,11 +146,6 @@ BAD_INPUTS = [
     (["trainer.epoks=3"], ["epoks"], 1),
     (["+model.lora_rnk=8"], ["model.lora_rnk: unknown key", "lora_rank"], 2),
     (["optimizer.lr=fast"], ["rlft: error:"], 2),
-    (
-        ["algorithm=ddpo", "trainer.prompts_per_epoch=6", "trainer.images_per_prompt=1", "sampler.batch_size=4"],
-        ["sampler.batch_size: 4 does not divide the 6 samples per process"],
-        2,
-    ),
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["sampler=ddpm", "+sampler.eta=0.5"], ["sampler.eta: is not an option of rlft.sampling.DDPM", "sampler=ddim"], 2),
