@@ -4,9 +4,10 @@ Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prd
 finetuning, 20 DDIM steps, CFG 5, sampling batch 16), each in its own process:
   * sampling images/s, and our rollout against a bare diffusers loop making the same
     UNet calls (``scheduler.step``, no log-probs): the overhead of recording a trajectory;
-  * one epoch of the runner's default batch (4 prompts x 4 images) split into sampling /
-    reward wait / reference log-probs (PRDP) / training (PRDP: its no-gradient pass and its
-    backward pass), and training images/s (every step of every sample);
+  * one epoch of the runner's default batch (8 prompts x 4 images) split into the keys of
+    KEYS below (sampling, reward, reference log-probs, training: PRDP's no-gradient values
+    pass and its backward pass), training images/s (every step of every sample), and one
+    evaluation (the run's evaluation sets, as configured);
   * peak memory of the case (resident set on CPU, allocated on CUDA).
 
 ``--efficiency EPOCHS`` adds PXPO's sample-efficiency claim on the toy world: experiment=pxpo_color
@@ -27,6 +28,23 @@ import time
 from pathlib import Path
 
 import torch
+
+KEYS = {  # what each printed figure is
+    "sample_images_per_s": "our rollout with log-probs, images per second",
+    "bare_diffusers_images_per_s": "a bare diffusers loop making the same UNet calls (scheduler.step)",
+    "epoch_samples": "images sampled in one epoch",
+    "epoch_s": "one training epoch, all of it",
+    "epoch_sample_s": "  sampling: denoising and decoding (the reward's time taken out)",
+    "epoch_reward_s": "  reward: inside the reward model (inline on CPU; overlapping sampling on GPU)",
+    "epoch_reward_wait_s": "  waiting for the last batch's reward after sampling",
+    "epoch_reference_s": "  reference log-probs of every step (PRDP)",
+    "epoch_train_s": "  training: the algorithm's update",
+    "epoch_train_values_s": "    PRDP's no-gradient pass over the steps (values of log pi_theta)",
+    "epoch_train_backward_s": "    PRDP's backward pass through sum w log pi_theta",
+    "train_images_per_s": "images per second through the update (every step of every sample)",
+    "eval_s": "one evaluation: every evaluation set's images, rewards and sub-scores",
+    "peak_memory_mb": "peak memory of the case (resident set on CPU, allocated on CUDA)",
+}
 
 
 def _timeit(fn, repeat: int) -> float:
@@ -129,6 +147,7 @@ def bench_epoch(cache: Path, steps: int, out: Path, groups: list[str]) -> dict[s
         "epoch_samples": n,
         "epoch_s": m["perf/epoch_s"],
         "epoch_sample_s": m["perf/sample_s"],
+        "epoch_reward_s": m["perf/reward_s"],
         "epoch_reward_wait_s": m["perf/reward_wait_s"],
         "epoch_reference_s": m["perf/reference_s"],
         "epoch_train_s": m["perf/train_s"],
@@ -137,6 +156,8 @@ def bench_epoch(cache: Path, steps: int, out: Path, groups: list[str]) -> dict[s
     for key in ("perf/prdp_values_s", "perf/prdp_backward_s"):
         if key in m:
             out["epoch_train_" + key.split("_", 1)[1]] = m[key]
+    if runner.eval_datasets:
+        out["eval_s"] = runner.evaluate()["perf/eval_s"]
     return out
 
 
@@ -199,7 +220,7 @@ def main() -> None:
         print(f"\nmodel={model} algorithm={algorithm} (full UNet finetuning)")
         width = max(len(k) for k in results)
         for key, value in results.items():
-            print(f"  {key:<{width}}  {value:10.3f}")
+            print(f"  {key:<{width}}  {value:10.3f}   {KEYS.get(key, '')}")
     if args.efficiency:
         efficiency(args.efficiency, args.seed)
 

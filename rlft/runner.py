@@ -346,13 +346,21 @@ class Runner:
         return prompts, group, sample_index
 
     @torch.no_grad()
-    def _sample(self, prompts, noise_keys: list[tuple[int, ...]], desc: str) -> tuple[Trajectory, RewardOutput, float]:
+    def _sample(self, prompts, noise_keys: list[tuple[int, ...]], desc: str) -> tuple[Trajectory, RewardOutput, dict]:
         """Rollouts in batches, sample b's noise from ``noise_keys[b]``; each batch's reward runs in a thread
-        while the next batch samples."""
+        while the next batch samples (inline on CPU). Also returns the time spent in the reward
+        (``reward_s``) and waiting for it after the last batch (``reward_wait_s``)."""
         texts, metas = [p.text for p in prompts], [dict(p.metadata) for p in prompts]
         cond = self.policy.encode(texts, self.sampler.negative_prompt)
         bs, shape = self.plan.sample_batch_size, self.policy.latent_shape
-        trajectories, futures = [], []
+        trajectories, futures, reward_s = [], [], []
+
+        def timed_reward(*args) -> RewardOutput:
+            t0 = time.perf_counter()
+            out = self.reward(*args)
+            reward_s.append(time.perf_counter() - t0)
+            return out
+
         bar = range(0, len(prompts), bs)
         if self.cfg.trainer.progress_bar and self.is_main:
             bar = tqdm(bar, desc=desc, leave=False)
@@ -365,11 +373,12 @@ class Runner:
                 self.algorithm.reduce_log_prob,
                 autocast=self.accelerator.autocast,
             )
-            futures.append(self.executor.submit(self.reward, traj.images, texts[chunk], metas[chunk]))
+            futures.append(self.executor.submit(timed_reward, traj.images, texts[chunk], metas[chunk]))
             trajectories.append(traj)
         t0 = time.perf_counter()
         rewards = RewardOutput.cat([f.result() for f in futures])
-        return Trajectory.cat(trajectories), rewards, time.perf_counter() - t0
+        times = {"reward_s": sum(reward_s), "reward_wait_s": time.perf_counter() - t0}
+        return Trajectory.cat(trajectories), rewards, times
 
     def _learner(self) -> Learner:
         """The epoch's TrainContext: the policy and sampler, accelerate's backward (no gradient reduction
@@ -448,7 +457,7 @@ class Runner:
         self.policy.unet.eval()
         noise_epoch = 0 if self.cfg.trainer.fixed_sample_noise else self.epoch
         keys = [(self.cfg.seed, SAMPLE, noise_epoch, int(i)) for i in sample_index]
-        traj, rewards, reward_wait = self._sample(prompts, keys, f"epoch {self.epoch + 1}: sampling")
+        traj, rewards, times = self._sample(prompts, keys, f"epoch {self.epoch + 1}: sampling")
         rollout = Rollout(traj, [p.text for p in prompts], group, rewards.scores, rewards.maps, sample_index)
         t_reference = time.perf_counter()
         learner = self._learner()
@@ -489,11 +498,14 @@ class Runner:
                 self._bar = None
         t_trained = time.perf_counter()
         n_images = self.plan.samples_per_process * self.plan.world_size
+        inline_reward = times["reward_s"] if isinstance(self.executor, _InlineExecutor) else 0.0
         metrics.update(
             {
                 "perf/images_per_s": n_images / max(t_reference - t_start, 1e-9),
-                "perf/sample_s": t_reference - t_start - reward_wait,
-                "perf/reward_wait_s": reward_wait,
+                # sampling alone: the reward's time is taken out where it ran inline (CPU) or was waited for
+                "perf/sample_s": t_reference - t_start - times["reward_wait_s"] - inline_reward,
+                "perf/reward_s": times["reward_s"],  # inside the reward (overlapping sampling on GPU)
+                "perf/reward_wait_s": times["reward_wait_s"],
                 "perf/reference_s": t_sampled - t_reference,
                 "perf/train_s": t_trained - t_sampled,
                 "perf/epoch_s": t_trained - t_start,
