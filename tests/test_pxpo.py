@@ -49,9 +49,7 @@ def _sampled(tiny_policy, prompts, algo, seed=1, steps=3, dtype=torch.float32):
     unet = copy.deepcopy(tiny_policy.unet).to(dtype).train()
     sampler = DDIM(steps, eta=1.0, guidance_scale=5.0).setup(tiny_policy.scheduler_config)
     cond = tiny_policy.encode(prompts).to(dtype=dtype)
-    traj = sampler.sample(
-        tiny_policy.with_unet(unet), cond, torch.Generator().manual_seed(seed), algo.reduce_log_prob
-    )
+    traj = sampler.sample(tiny_policy.with_unet(unet), cond, torch.Generator().manual_seed(seed), algo.reduce_log_prob)
     return unet, sampler, traj
 
 
