@@ -201,8 +201,8 @@ class Runner:
         if self.device.type == "cpu":
             weight_dtype = torch.float32
         self.policy.to(self.device, weight_dtype)
-        if self.algorithm.needs_reference:
-            self.policy.keep_reference()
+        if self.algorithm.needs_reference or self.algorithm.uses_reference:
+            self.policy.keep_reference()  # pi_ref: the weights as loaded, before any checkpoint
         self.sampler.setup(self.policy.scheduler_config)
         self.params = self.policy.trainable_parameters()
         optimizer = build(cfg.optimizer, "optimizer")(self.params)

@@ -110,7 +110,8 @@ class TrainContext(Protocol):
 class Algorithm:
     """Base class: defaults for what the rollout must record, and no-op state."""
 
-    needs_reference: bool = False  # record log pi_ref per step (PRDP)
+    needs_reference: bool = False  # record log pi_ref per step of every sample (PRDP)
+    uses_reference: bool = False  # asks for pi_ref's step during the update (ctx.steps(..., reference=True))
     needs_reward_maps: bool = False  # the reward must give per-pixel maps (PXPO)
     min_images_per_prompt: int = 1  # e.g. 2 for pairwise losses
 
