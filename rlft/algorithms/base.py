@@ -146,6 +146,13 @@ class Algorithm:
         pass
 
 
+def reduce_latent(log_prob: Tensor, how: str) -> Tensor:
+    """Mean (``mean``, the reference codes' convention) or sum (``sum``, the exact density) of an element-wise
+    log-density over its latent dimensions  [b, C, h, w] -> [b]."""
+    dims = tuple(range(1, log_prob.ndim))
+    return log_prob.mean(dim=dims) if how == "mean" else log_prob.sum(dim=dims)
+
+
 def mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     """Average a list of per-micro-batch diagnostics."""
     if not rows:

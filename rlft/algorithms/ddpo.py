@@ -27,8 +27,8 @@ from typing import Literal
 
 from torch import Tensor
 
-from rlft.algorithms.base import Comm, Rollout, TrainContext
-from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss, ppo_diagnostics
+from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
 from rlft.learner import Rows
@@ -74,8 +74,7 @@ class DDPO(PPOAlgorithm):
 
     def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
         """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        dims = tuple(range(1, log_prob.ndim))
-        return log_prob.mean(dim=dims) if self.log_prob_reduction == "mean" else log_prob.sum(dim=dims)
+        return reduce_latent(log_prob, self.log_prob_reduction)
 
     # ------------------------------------------------------------------ advantages
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
@@ -95,12 +94,7 @@ class DDPO(PPOAlgorithm):
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """L_t (section 4.3): the clipped ratio objective, or -A log pi for the score-function estimator."""
-        old = rollout.log_probs[rows.index, rows.step].to(step.log_prob)
-        if self.estimator == "ppo":
-            loss = ppo_clip_loss(advantages, step.log_prob, old, self.clip_range)
-        else:
-            loss = -advantages * step.log_prob
-        return loss, ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
+        return self.policy_loss(rollout, rows, step, advantages, self.estimator)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict() if self.tracker else None}

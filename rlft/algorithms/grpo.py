@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Comm, Rollout, TrainContext
-from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss, ppo_diagnostics
+from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.ppo import PPOAlgorithm
 from rlft.errors import ConfigError
 from rlft.learner import Rows
 from rlft.sampling import StepOutput, compute_dtype
@@ -88,8 +88,7 @@ class GRPO(PPOAlgorithm):
 
     def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
         """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        dims = tuple(range(1, log_prob.ndim))
-        return log_prob.mean(dim=dims) if self.log_prob_reduction == "mean" else log_prob.sum(dim=dims)
+        return reduce_latent(log_prob, self.log_prob_reduction)
 
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
         """A_i over each prompt's images (a prompt's images are on one process; ``std=global`` gathers
@@ -104,9 +103,7 @@ class GRPO(PPOAlgorithm):
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The clipped ratio objective plus beta * KL_t at each row."""
-        old = rollout.log_probs[rows.index, rows.step].to(step.log_prob)
-        loss = ppo_clip_loss(advantages, step.log_prob, old, self.clip_range)
-        diagnostics = ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
+        loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, "ppo")
         if self.beta > 0:
             ref = ctx.steps(rollout, rows, reference=True)
             kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)

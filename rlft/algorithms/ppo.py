@@ -71,6 +71,18 @@ class PPOAlgorithm(Algorithm):
                 f"({samples_per_process} samples / train_batch_size {train_batch_size})",
             )
 
+    def policy_loss(
+        self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, estimator: str = "ppo"
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The element-wise surrogate at the rows, with their log pi_old from the rollout: the clipped ratio
+        objective (``ppo``) or -A log pi (``sf``, the score-function estimator); and the ratio diagnostics."""
+        old = rollout.log_probs[rows.index, rows.step].to(step.log_prob)
+        if estimator == "ppo":
+            loss = ppo_clip_loss(advantages, step.log_prob, old, self.clip_range)
+        else:
+            loss = -advantages * step.log_prob
+        return loss, ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
+
     def row_loss(
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext
+from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, reduce_latent
 from rlft.errors import ConfigError
 from rlft.learner import Rows
 from rlft.sampling import compute_dtype
@@ -176,8 +176,7 @@ class PRDP(Algorithm):
 
     def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
         """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        dims = tuple(range(1, log_prob.ndim))
-        return log_prob.mean(dim=dims) if self.log_prob_reduction == "mean" else log_prob.sum(dim=dims)
+        return reduce_latent(log_prob, self.log_prob_reduction)
 
     def check(
         self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int, images_per_prompt: int

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlft.algorithms.base import Comm, Rollout, TrainContext
-from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss, ppo_diagnostics
+from rlft.algorithms.ppo import PPOAlgorithm
 from rlft.errors import ConfigError
 from rlft.learner import Rows
 from rlft.sampling import StepOutput, compute_dtype
@@ -136,12 +136,8 @@ class PXPO(PPOAlgorithm):
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """L_t summed over positions (the sf or ppo form above)  [n, h, w] -> [n]."""
-        old = rollout.log_probs[rows.index, rows.step].to(step.log_prob)
-        if self.estimator == "ppo":
-            loss = ppo_clip_loss(advantages, step.log_prob, old, self.clip_range)
-        else:
-            loss = -advantages * step.log_prob
-        return loss.flatten(1).sum(dim=1), ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
+        loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, self.estimator)
+        return loss.flatten(1).sum(dim=1), diagnostics
 
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
         latent_hw = tuple(rollout.log_probs.shape[-2:])
