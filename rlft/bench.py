@@ -32,6 +32,7 @@ import torch
 KEYS = {  # what each printed figure is
     "sample_images_per_s": "our rollout with log-probs, images per second",
     "bare_diffusers_images_per_s": "a bare diffusers loop making the same UNet calls (scheduler.step)",
+    "rollout_overhead_pct": "how much slower our rollout is than the bare loop (negative: faster)",
     "epoch_samples": "images sampled in one epoch",
     "epoch_s": "one training epoch, all of it",
     "epoch_sample_s": "  sampling: denoising and decoding (the reward's time taken out)",
