@@ -43,8 +43,12 @@ def distributed_env_from_slurm() -> None:
 USER_FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
 
 
-class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption)."""
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption).
+
+    A BaseException, as KeyboardInterrupt is: the signal handler raises it wherever the main
+    thread happens to be, and a library's `except Exception` there (OmegaConf wraps what it
+    catches in its own error, re-made from the message) must let it through untouched."""
 
     def __init__(self, signum: int):
         self.signum = signum

@@ -141,6 +141,24 @@ def _wait_for(path, proc, limit):
         raise AssertionError(f"{path} never appeared: {proc.communicate()[1][-2000:]}")
 
 
+def test_a_signal_inside_a_library_that_catches_exception_reaches_the_runner_untouched(monkeypatch):
+    """The handler raises wherever the main thread is. Inside OmegaConf's attribute access (its
+    `except Exception` re-makes what it catches from the message) it must arrive as itself."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from rlft.__main__ import Interrupted
+
+    cfg = OmegaConf.create({"seed": 0})
+
+    def interrupted_here(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(DictConfig, "_get_impl", interrupted_here)
+    with pytest.raises(Interrupted) as caught:
+        _ = cfg.seed
+    assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ends_in_one_line_naming_the_last_checkpoint(cache_dir, tmp_path, signum):
     args = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=50"]
