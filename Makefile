@@ -41,11 +41,11 @@ format: $(STAMP) ## ruff format + autofix
 bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
 	$(BIN)/python -m rlft.bench --efficiency 24
 
-toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~1.5 h on 2 cores, resumable)
+toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~2.5 h on 2 cores, resumable)
 	$(BIN)/python -m rlft.toy.pretrain --out rlft/toy/weights
 
 # the commit whose rlft/toy/weights the shipped toy model is compared with
-TOY_PREVIOUS ?= 732edff
+TOY_PREVIOUS ?= 96e993d
 toy-quality: $(STAMP) ## the toy model's quality per split and attribute against the previous one (same prompts, noise)
 	rm -rf outputs/toy_previous && mkdir -p outputs/toy_previous
 	git archive $(TOY_PREVIOUS) rlft/toy/weights | tar -x -C outputs/toy_previous
