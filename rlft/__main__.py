@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from rlft.config import register_configs, validate
-from rlft.errors import RlftError
+from rlft.errors import Interrupted, RlftError, raise_interrupted
 from rlft.multirun import clear_failure, record_failure
 
 register_configs()
@@ -41,22 +41,6 @@ def distributed_env_from_slurm() -> None:
 
 # file-system conditions a user fixes (permissions, read-only mounts, full disks, a path under a file)
 USER_FS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST}
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption).
-
-    A BaseException, as KeyboardInterrupt is: the signal handler raises it wherever the main
-    thread happens to be, and a library's `except Exception` there (OmegaConf wraps what it
-    catches in its own error, re-made from the message) must let it through untouched."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(signal.Signals(signum).name)
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
 
 
 def _last_checkpoint_line(run_dir: Path) -> str:
@@ -97,7 +81,7 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_interrupted)
+        signal.signal(signum, raise_interrupted)
     if multirun:
         clear_failure(run_dir)
     try:

@@ -8,6 +8,8 @@ without a stack trace.
 
 from __future__ import annotations
 
+import signal
+
 
 class RlftError(Exception):
     """A problem with the user's config or inputs (exit code 2)."""
@@ -29,6 +31,35 @@ class ConfigError(RlftError):
         """The same error for a component that lives under another key (``dataset`` -> ``eval_datasets.x``)."""
         fix = self.fix.replace(f"{old_prefix}.", f"{new_prefix}.") if self.fix else None
         return ConfigError(new_prefix + self.key[len(old_prefix) :], self.problem, fix)
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (Ctrl-C, a scheduler's preemption).
+
+    A BaseException, as KeyboardInterrupt is: the signal handler raises it wherever the main
+    thread happens to be, and a library's `except Exception` there (OmegaConf wraps what it
+    catches in its own error, re-made from the message) must let it through untouched."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+_received: list[int] = []  # the signals that arrived, in order
+
+
+def raise_interrupted(signum, frame=None):
+    """The signal handler of `python -m rlft`: remember the signal, then raise where the program is."""
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+def check_interrupted() -> None:
+    """A safe point (each denoiser call while sampling and training): a signal whose exception was
+    swallowed where it landed (a finalizer prints "Exception ignored in ..." and goes on) ends the run
+    here instead."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 class RewardError(RlftError):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rlft.errors import check_interrupted
 from rlft.policy import Policy
 from rlft.sampling import Sampler, StepOutput
 
@@ -92,6 +93,7 @@ class Learner:
         return [slice(i, min(i + self.rows_per_call, n)) for i in range(0, n, self.rows_per_call)]
 
     def _step(self, policy: Policy, rollout, rows: Rows) -> StepOutput:
+        check_interrupted()
         traj = rollout.trajectory
         device = traj.latents.device
         with self.autocast():

@@ -38,7 +38,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
-from rlft.errors import ConfigError
+from rlft.errors import ConfigError, check_interrupted
 from rlft.policy import Conditioning, Policy
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -323,6 +323,7 @@ class Sampler:
         x = noise[:, 0] * self.scheduler.init_noise_sigma
         latents, log_probs = [x], []
         for j, t in enumerate(self.timesteps):
+            check_interrupted()
             with (autocast or nullcontext)():
                 y = policy.predict(x, t.to(device), cond, self.guidance_scale)
             out = self.step_with_log_prob(y, t.to(device), x, variance_noise=noise[:, j + 1])

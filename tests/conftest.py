@@ -3,7 +3,9 @@
 Kernel and thread choices, to check that no result depends on them:
     RLFT_TEST_MKLDNN=0 make test   (or pytest --mkldnn=off): torch's oneDNN kernels off, here and in
                                    every process the tests start
-    OMP_NUM_THREADS=1 make test    one thread
+    OMP_NUM_THREADS=1 make test    one thread (the default here too, as under `make test`: the
+                                   learning tests' figures were measured with one thread per process)
+    ATEN_CPU_CAPABILITY=avx2 make test   another CPU's vector kernels (avx512, avx2, default)
 """
 
 from __future__ import annotations
@@ -14,10 +16,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch starts its thread pool
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a test's `accelerate launch --main_process_port` (the
+    default 29500 may be taken by another test file running beside it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_addoption(parser):

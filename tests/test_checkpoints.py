@@ -146,7 +146,7 @@ def test_a_signal_inside_a_library_that_catches_exception_reaches_the_runner_unt
     `except Exception` re-makes what it catches from the message) it must arrive as itself."""
     from omegaconf import DictConfig, OmegaConf
 
-    from rlft.__main__ import Interrupted
+    from rlft.errors import Interrupted
 
     cfg = OmegaConf.create({"seed": 0})
 
@@ -159,6 +159,26 @@ def test_a_signal_inside_a_library_that_catches_exception_reaches_the_runner_unt
     assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
 
 
+def test_a_signal_swallowed_where_it_landed_ends_the_run_at_the_next_denoiser_call(monkeypatch, tiny_policy):
+    """A handler's exception raised inside a finalizer is printed ("Exception ignored in ...") and
+    dropped by CPython; the next safe point (every denoiser call) raises it again."""
+    from rlft import errors
+    from rlft.errors import Interrupted
+    from rlft.sampling import DDIM
+
+    monkeypatch.setattr(errors, "_received", [])
+
+    class Finalized:
+        def __del__(self):
+            errors.raise_interrupted(signal.SIGTERM)
+
+    Finalized()  # the exception is swallowed here
+    sampler = DDIM(2, eta=1.0).setup(tiny_policy.scheduler_config)
+    with pytest.raises(Interrupted) as caught:
+        sampler.sample(tiny_policy, tiny_policy.encode(["cat"]), torch.Generator().manual_seed(0), "mean")
+    assert caught.value.signum == signal.SIGTERM
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ends_in_one_line_naming_the_last_checkpoint(cache_dir, tmp_path, signum):
     args = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=50"]
@@ -166,7 +186,12 @@ def test_a_signal_ends_in_one_line_naming_the_last_checkpoint(cache_dir, tmp_pat
     proc = _start(args, cache_dir)
     _wait_for(tmp_path / "run" / "checkpoints" / "epoch_00001" / "run_state.json", proc, timeout_s(300))
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=timeout_s(120))
+    try:
+        _, err = proc.communicate(timeout=timeout_s(120))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{signal.Signals(signum).name} did not end the run")
     assert proc.returncode == 128 + signum, err[-2000:]
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
@@ -180,13 +205,15 @@ def test_a_second_process_on_one_run_directory_is_refused_and_a_killed_one_leave
     args = [f"paths.output_root={tmp_path}", *FAST, "sampler.num_steps=4", "trainer.epochs=50"]
     args += ["trainer.eval_every=0", "trainer.checkpoint_every=1", "run_name=run"]
     first = _start(args, cache_dir)
-    _wait_for(tmp_path / "run" / "checkpoints" / "epoch_00001" / "run_state.json", first, timeout_s(300))
-    second = run_cli(args, cache_dir)
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
-    assert f"{tmp_path / 'run'} is in use by rlft pid {first.pid}" in second.stderr
-    assert first.poll() is None  # the first one runs on
-    first.send_signal(signal.SIGKILL)
-    first.wait()
+    try:
+        _wait_for(tmp_path / "run" / "checkpoints" / "epoch_00001" / "run_state.json", first, timeout_s(300))
+        second = run_cli(args, cache_dir)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-2000:]
+        assert f"{tmp_path / 'run'} is in use by rlft pid {first.pid}" in second.stderr
+        assert first.poll() is None  # the first one runs on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
     third = run_cli([*args, "trainer.epochs=2"], cache_dir)
     assert third.returncode == 0 and "resumed from" in third.stdout, third.stderr[-2000:]
 

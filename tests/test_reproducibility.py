@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import FAST, read_metrics, run_cli
+from tests.conftest import FAST, free_port, read_metrics, run_cli
 from tests.helpers import eval_table
 
 COMMON = [
@@ -86,7 +86,7 @@ def test_batch_sizes_and_processes_change_nothing_but_rounding(cache_dir, tmp_pa
     runs = {
         "one_batch": ([], None),
         "half_batches": ([*half, "trainer.gradient_accumulation_steps=2"], None),
-        "two_processes": (half, [accelerate, *LAUNCH_2]),
+        "two_processes": (half, [accelerate, *LAUNCH_2, "--main_process_port", str(free_port())]),
         "other_seed": (["seed=1"], None),
     }
     base = [f"paths.output_root={tmp_path}", *COMMON, "sampler.batch_size=8", "trainer.train_batch_size=8"]
