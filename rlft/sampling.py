@@ -117,14 +117,14 @@ def ddim_step_with_log_prob(
     model_output: Tensor,
     timestep: Tensor | int,
     sample: Tensor,
-    eta: float = 1.0,
+    eta: float | Tensor = 1.0,
     prev_sample: Tensor | None = None,
     generator: torch.Generator | None = None,
     variance_noise: Tensor | None = None,
 ) -> StepOutput:
     """One DDIM step (Song et al. 2021, eqs. 12 and 16) with its log-density.
 
-    ``timestep`` may be one value or one per sample ([B]).
+    ``timestep`` may be one value or one per sample ([B]); so may ``eta`` ([B, 1, 1, 1]).
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("run scheduler.set_timesteps(num_steps) before stepping")
@@ -140,7 +140,7 @@ def ddim_step_with_log_prob(
     x0, eps = _predict_x0_eps(scheduler, model_output, sample, abar_t)
     # 5. sigma_t(eta) = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev)   (eq. 16)
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
-    std = eta * variance.sqrt()
+    std = (eta.to(dtype) if torch.is_tensor(eta) else eta) * variance.sqrt()
     # 6-7. mu = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps   (eq. 12 without the noise)
     mean = abar_prev.sqrt() * x0 + (1 - abar_prev - std**2).sqrt() * eps
     if prev_sample is None:
@@ -343,11 +343,18 @@ class Sampler:
 
 
 class DDIM(Sampler):
-    """DDIM with eta (``sampler=ddim``): eta = 1 gives DDPM's posterior variance, DDPO's setting."""
+    """DDIM with eta (``sampler=ddim``): eta = 1 gives DDPM's posterior variance, DDPO's setting.
+
+    ``stochastic_window`` = [start, end): only steps start..end-1 draw noise (eta); the others are
+    DDIM's deterministic step (eta = 0) and no algorithm trains on them (MixGRPO's window, Li et al.
+    2025; Flow-GRPO-Fast). The steps that decide the layout are the early ones, while the last steps,
+    whose std is smallest, carry most of the log-density's gradient; a window keeps the update on
+    the former. ``null``: every step stochastic.
+    """
 
     def __init__(
         self, num_steps: int = 50, eta: float = 1.0, guidance_scale: float = 5.0, batch_size: int = 8,
-        negative_prompt: str = "",
+        negative_prompt: str = "", stochastic_window: list[int] | None = None,
     ):  # fmt: skip
         super().__init__(num_steps, guidance_scale, batch_size, negative_prompt)
         if not 0.0 < eta <= 1.0:
@@ -357,13 +364,33 @@ class DDIM(Sampler):
                 "policy-gradient finetuning needs 0 < eta <= 1; DDPO uses 1.0",
             )
         self.eta = eta
+        if stochastic_window is not None:
+            window = list(stochastic_window)
+            if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+                raise ConfigError(
+                    "sampler.stochastic_window",
+                    f"{stochastic_window} is not a window [start, end) of the {num_steps} steps",
+                    f"set two step indices with 0 <= start < end <= sampler.num_steps, e.g. [0, {num_steps}], "
+                    "or null for every step",
+                )
+            stochastic_window = window
+        self.stochastic_window = stochastic_window
 
     def make_scheduler(self, scheduler_config) -> DDIMScheduler:
         return DDIMScheduler.from_config(scheduler_config)
 
+    def _eta(self, t: Tensor, n: int, device) -> float | Tensor:
+        """eta per row: eta inside the window, 0 outside it  [B, 1, 1, 1] (or the scalar eta)."""
+        if self.stochastic_window is None:
+            return self.eta
+        start, end = self.stochastic_window
+        inside = torch.isin(_as_batch(t, n, device), self.timesteps[start:end].to(device=device, dtype=torch.long))
+        return _expand(inside.to(torch.float64) * self.eta)
+
     def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
+        eta = self._eta(t, sample.shape[0], sample.device)
         return ddim_step_with_log_prob(
-            self.scheduler, model_output, t, sample, self.eta, prev_sample=prev_sample, variance_noise=variance_noise
+            self.scheduler, model_output, t, sample, eta, prev_sample=prev_sample, variance_noise=variance_noise
         )
 
 

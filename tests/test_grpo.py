@@ -121,3 +121,23 @@ def test_grpo_raises_the_toy_reward(cache_dir, tmp_path):
     assert after > before + 0.015, (before, after)
     train = [r["reward/mean"] for r in read_metrics(tmp_path / "grpo") if "train/loss" in r]
     assert sum(train[-3:]) / 3 > sum(train[:3]) / 3 + 0.01, train
+
+
+def test_ddpo_with_kl_coef_is_grpos_kl_term_and_zero_is_ddpo_bit_for_bit(tiny_policy):
+    """algorithm.kl_coef (issue: controls on reward hacking): DDPO's KL term is GRPO's closed form, so with
+    the same advantages DDPO(kl_coef=b) has GRPO(beta=b)'s gradients; kl_coef=0 is DDPO exactly."""
+    grpo_grads, _, advantages = _gradients(tiny_policy, GRPO(clip_range=1e-3, beta=1.0, num_inner_epochs=2))
+    kw = dict(estimator="ppo", clip_range=1e-3, num_inner_epochs=2, per_prompt_stat_tracking=False)
+    with_kl = DDPO(**kw, kl_coef=1.0)
+    assert with_kl.uses_reference and not DDPO(**kw).uses_reference
+    grads, metrics, _ = _gradients(tiny_policy, with_kl, advantages)
+    assert metrics["train/kl_ref"] > 0
+    for got_step, want_step in zip(grads, grpo_grads):
+        got, want = torch.cat([g.flatten() for g in got_step]), torch.cat([g.flatten() for g in want_step])
+        assert (got - want).norm() <= 1e-10 * want.norm(), (got - want).norm()
+    plain, _, _ = _gradients(tiny_policy, DDPO(**kw), advantages)
+    zero, zero_metrics, _ = _gradients(tiny_policy, DDPO(**kw, kl_coef=0.0), advantages)
+    assert "train/kl_ref" not in zero_metrics
+    assert all(torch.equal(a, b) for sa, sb in zip(plain, zero) for a, b in zip(sa, sb))
+    with pytest.raises(ConfigError, match="algorithm.kl_coef"):
+        DDPO(kl_coef=-1.0)

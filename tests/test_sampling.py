@@ -169,3 +169,31 @@ def test_per_sample_noise_does_not_depend_on_the_batch(tiny_policy):
     torch.testing.assert_close(torch.cat([t.latents for t in parts]), whole.latents, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat([t.log_probs for t in parts]), whole.log_probs, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(whole.latents[0], whole.latents[1])  # each sample has its own noise
+
+
+def test_a_stochastic_window_is_eta_inside_and_deterministic_ddim_outside():
+    """sampler.stochastic_window = [2, 5) of 8 steps: those steps are DDIM(eta)'s, the others DDIM(eta=0)'s
+    (diffusers' step, the same inputs), marked not trainable, with log-density 0."""
+    config = DDIMScheduler(**SD_BETAS, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction").config
+    sampler = DDIM(8, eta=1.0, stochastic_window=[2, 5]).setup(config)
+    assert sampler.stochastic.tolist() == [False, False, True, True, True, False, False, False]
+    ref = _float64(DDIMScheduler.from_config(config))
+    ref.set_timesteps(8)
+    sampler.scheduler = _float64(sampler.scheduler)
+    g = torch.Generator().manual_seed(3)
+    x, v, noise = (_randn(8, 4, 8, 8, generator=g) for _ in range(3))
+    t = sampler.timesteps  # one row per step, in one call
+    out = sampler.step_with_log_prob(v, t, x, variance_noise=noise)
+    for j in range(8):
+        eta = 1.0 if 2 <= j < 5 else 0.0
+        want = ref.step(v[j : j + 1], t[j], x[j : j + 1], eta=eta, variance_noise=noise[j : j + 1]).prev_sample
+        torch.testing.assert_close(out.prev_sample[j : j + 1], want, **F64)
+        assert (out.std[j] > 0).all() == (eta > 0) and (out.log_prob[j] == 0).all() == (eta == 0)
+
+
+@pytest.mark.parametrize("window", [[3, 3], [0, 9], [-1, 2], [1]])
+def test_a_window_outside_the_steps_is_refused(window):
+    from rlft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sampler.stochastic_window"):
+        DDIM(8, stochastic_window=window)

@@ -11,6 +11,13 @@ per sampled step t,
 
 and DDPO_SF (the score-function estimator, eq. 4) minimises L_t = -A * log pi_theta.
 
+``kl_coef`` = beta > 0 adds the closed-form per-step KL to the pretrained policy pi_ref that GRPO
+uses (rlft/algorithms/grpo.py), a control on drift and reward hacking:
+
+    L_t += beta * KL(pi_theta(. | x_t) || pi_ref(. | x_t)) = beta * mean_d (mu_theta - mu_ref)^2 / (2 sigma_t^2)
+
+beta = 0 (the default) is DDPO exactly: pi_ref is neither kept nor read.
+
 Log-prob convention (as ddpo-pytorch): log pi is the Gaussian log-density
 *averaged* over the latent dimensions, so rho is the geometric mean of the
 per-dimension ratios; eps = 1e-4 goes with that convention
@@ -28,6 +35,7 @@ from typing import Literal
 from torch import Tensor
 
 from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.grpo import gaussian_kl
 from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
@@ -50,7 +58,10 @@ class DDPO(PPOAlgorithm):
         stat_min_count: int = 16,
         stat_max_prompts: int = 100_000,
         log_prob_reduction: Literal["mean", "sum"] = "mean",
+        kl_coef: float = 0.0,
     ):
+        if not kl_coef >= 0:
+            raise ConfigError("algorithm.kl_coef", f"must be >= 0, got {kl_coef}", "0 is DDPO without the KL term")
         if log_prob_reduction not in ("mean", "sum"):
             raise ConfigError("algorithm.log_prob_reduction", f"'{log_prob_reduction}' is not one of mean, sum")
         if estimator not in ("ppo", "sf"):
@@ -65,6 +76,8 @@ class DDPO(PPOAlgorithm):
             if value < 1:
                 raise ConfigError(f"algorithm.{key}", f"must be >= 1, got {value}")
         self.estimator = estimator
+        self.kl_coef = kl_coef
+        self.uses_reference = kl_coef > 0  # the KL term reads pi_ref's step mean
         self.log_prob_reduction = log_prob_reduction
         self.tracker = (
             PerPromptStatTracker(stat_buffer_size, stat_min_count, stat_max_prompts)
@@ -93,8 +106,15 @@ class DDPO(PPOAlgorithm):
     def row_loss(
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """L_t (section 4.3): the clipped ratio objective, or -A log pi for the score-function estimator."""
-        return self.policy_loss(rollout, rows, step, advantages, self.estimator)
+        """L_t (section 4.3): the clipped ratio objective, or -A log pi for the score-function estimator;
+        plus kl_coef * KL_t to pi_ref when kl_coef > 0."""
+        loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, self.estimator)
+        if self.kl_coef > 0:
+            ref = ctx.steps(rollout, rows, reference=True)
+            kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)
+            loss = loss + self.kl_coef * kl
+            diagnostics["train/kl_ref"] = kl.detach()
+        return loss, diagnostics
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict() if self.tracker else None}
