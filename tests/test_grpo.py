@@ -106,21 +106,22 @@ def test_the_kl_term_pulls_towards_the_reference(tiny_policy):
 
 
 def test_grpo_raises_the_toy_reward(cache_dir, tmp_path):
-    """Fixed seed, the toy world, toy_color (blue) on two prompts x 16 images, lr 3e-4 and clip 0.05: the
-    seen-prompt evaluation reward (2 prompts x 8 seeds) rises from epoch 0 to epoch 12. Measured when
-    written: 0.3267 -> 0.3593 (+0.0325), the training reward 0.327 -> 0.364 with 10 of 11 epochs up."""
+    """Fixed seed, the toy world, toy_color (blue) on two prompts x 16 images with the toy tuning (lr 1e-4,
+    beta 1e-3, one optimizer step per epoch): the seen-prompt evaluation reward (2 prompts x 8 seeds) rises
+    from epoch 0 to epoch 12. Measured when written: 0.3307 -> 0.3780 (+0.047 ± 0.014), the training reward
+    0.331 -> 0.369, mean of the last 3 epochs 0.026 above the first 3 (beta 0: +0.092; beta 0.01: +0.0005)."""
     args = [f"paths.output_root={tmp_path}", "algorithm=grpo", "reward=toy_color", "dataset.limit=2"]
     args += ["trainer.prompts_per_epoch=2", "trainer.images_per_prompt=16", "trainer.train_batch_size=8"]
     args += ["trainer.epochs=12", "trainer.eval_every=12", "trainer.eval_num_prompts=2", "run_name=grpo"]
     args += ["trainer.eval_images_per_prompt=8", "~dataset@eval_datasets.unseen", "trainer.log_images=0"]
-    args += ["optimizer.lr=3e-4", "algorithm.clip_range=0.05"]  # conf/tuning/toy_grpo.yaml, stated here too
+    args += ["optimizer.lr=1e-4", "algorithm.beta=1e-3", "trainer.gradient_accumulation_steps=4"]  # toy tuning
     result = run_cli(args, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path / "grpo") if "eval/seen/reward/mean" in r]
     before, after = rows[0]["eval/seen/reward/mean"], rows[-1]["eval/seen/reward/mean"]
     assert after > before + 0.015, (before, after)
     train = [r["reward/mean"] for r in read_metrics(tmp_path / "grpo") if "train/loss" in r]
-    assert sum(train[-3:]) / 3 > sum(train[:3]) / 3 + 0.01, train
+    assert sum(train[-3:]) / 3 > sum(train[:3]) / 3 + 0.008, train
 
 
 def test_ddpo_with_kl_coef_is_grpos_kl_term_and_zero_is_ddpo_bit_for_bit(tiny_policy):
