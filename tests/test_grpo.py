@@ -10,7 +10,8 @@ import torch
 
 from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO
-from rlft.algorithms.grpo import GRPO, gaussian_kl, group_advantages
+from rlft.algorithms.grpo import GRPO, group_advantages
+from rlft.algorithms.ppo import gaussian_kl
 from rlft.errors import ConfigError
 from rlft.sampling import DDIM
 from tests.conftest import read_metrics, run_cli

@@ -35,7 +35,6 @@ from typing import Literal
 from torch import Tensor
 
 from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
-from rlft.algorithms.grpo import gaussian_kl
 from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
@@ -109,12 +108,7 @@ class DDPO(PPOAlgorithm):
         """L_t (section 4.3): the clipped ratio objective, or -A log pi for the score-function estimator;
         plus kl_coef * KL_t to pi_ref when kl_coef > 0."""
         loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, self.estimator)
-        if self.kl_coef > 0:
-            ref = ctx.steps(rollout, rows, reference=True)
-            kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)
-            loss = loss + self.kl_coef * kl
-            diagnostics["train/kl_ref"] = kl.detach()
-        return loss, diagnostics
+        return self.with_kl_to_reference(loss, diagnostics, self.kl_coef, rollout, rows, step, ctx)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict() if self.tracker else None}

@@ -50,12 +50,6 @@ def group_advantages(rewards: Tensor, group: Tensor, global_std: Tensor | None =
     return advantages
 
 
-def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
-    """KL(N(mean, std^2) || N(ref_mean, std^2)) per dimension, averaged over each row's dimensions  [n]."""
-    kl = (mean - ref_mean) ** 2 / (2 * std**2)
-    return kl.reshape(len(kl), -1).mean(dim=1)
-
-
 class GRPO(PPOAlgorithm):
     min_images_per_prompt = 2  # a group of one has no relative advantage
 
@@ -104,9 +98,4 @@ class GRPO(PPOAlgorithm):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The clipped ratio objective plus beta * KL_t at each row."""
         loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, "ppo")
-        if self.beta > 0:
-            ref = ctx.steps(rollout, rows, reference=True)
-            kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)
-            loss = loss + self.beta * kl
-            diagnostics["train/kl_ref"] = kl.detach()
-        return loss, diagnostics
+        return self.with_kl_to_reference(loss, diagnostics, self.beta, rollout, rows, step, ctx)

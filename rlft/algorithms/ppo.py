@@ -44,6 +44,12 @@ def ppo_diagnostics(log_prob: Tensor, old_log_prob: Tensor, clip_range: float) -
     }
 
 
+def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
+    """KL(N(mean, std^2) || N(ref_mean, std^2)) per dimension, averaged over each row's dimensions  [n]."""
+    kl = (mean - ref_mean) ** 2 / (2 * std**2)
+    return kl.reshape(len(kl), -1).mean(dim=1)
+
+
 class PPOAlgorithm(Algorithm):
     """The schedule above; a subclass sets ``rollout.advantages`` in ``prepare`` and defines ``row_loss``."""
 
@@ -82,6 +88,19 @@ class PPOAlgorithm(Algorithm):
         else:
             loss = -advantages * step.log_prob
         return loss, ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
+
+    def with_kl_to_reference(
+        self, loss: Tensor, diagnostics: dict, coef: float, rollout: Rollout, rows: Rows, step: StepOutput,
+        ctx: TrainContext,
+    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
+        """loss + coef * KL_t(pi_theta || pi_ref) at the rows (pi_ref's step without gradients), logged
+        as train/kl_ref; the loss unchanged when coef = 0 (pi_ref is then never read)."""
+        if coef > 0:
+            ref = ctx.steps(rollout, rows, reference=True)
+            kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)
+            loss = loss + coef * kl
+            diagnostics["train/kl_ref"] = kl.detach()
+        return loss, diagnostics
 
     def row_loss(
         self, rollout: Rollout, rows: Rows, step: StepOutput, advantages: Tensor, ctx: TrainContext
