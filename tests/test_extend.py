@@ -48,5 +48,5 @@ def test_the_readme_extension_example_runs_as_written(cache_dir, tmp_path):
     by_option = read_metrics(tmp_path / "outputs" / "custom-redness-toy-seed0")
     assert [r["epoch"] for r in by_class] == [1, 2] and [r["epoch"] for r in by_option] == [1, 2]
     assert all("reward/mean" in r and "train/loss" in r for r in by_class + by_option)
-    # the sampler of my_rlft.py ran: of its 10 steps only the first 4 draw noise, and only they were trained
-    assert all(r["train/trained_steps"] == 4 for r in by_option)
+    # the sampler of my_rlft.py ran: its eta falls to 0 at the last of its 10 steps, so 9 were trained
+    assert all(r["train/trained_steps"] == 9 for r in by_option)
