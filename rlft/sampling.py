@@ -240,8 +240,9 @@ class Sampler:
     refused_options: dict[str, str] = {}
 
     def __init__(
-        self, num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 8, negative_prompt: str = ""
-    ):
+        self, num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 8, negative_prompt: str = "",
+        stochastic_window: list[int] | None = None,
+    ):  # fmt: skip
         if num_steps < 2:
             raise ConfigError(
                 "sampler.num_steps",
@@ -256,7 +257,26 @@ class Sampler:
         self.guidance_scale = guidance_scale
         self.batch_size = batch_size  # images per denoiser call while sampling, per process
         self.negative_prompt = negative_prompt
+        if stochastic_window is not None:
+            window = list(stochastic_window)
+            if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
+                raise ConfigError(
+                    "sampler.stochastic_window",
+                    f"{stochastic_window} is not a window [start, end) of the {num_steps} steps",
+                    f"set two step indices with 0 <= start < end <= sampler.num_steps, e.g. [0, {num_steps}], "
+                    "or null for every step",
+                )
+            stochastic_window = window
+        self.stochastic_window = stochastic_window
         self.scheduler = None
+
+    def in_window(self, t: Tensor, n: int, device) -> Tensor | None:
+        """Whether each row's step lies in ``stochastic_window``  [B, 1, 1, 1] (None: every step does)."""
+        if self.stochastic_window is None:
+            return None
+        start, end = self.stochastic_window
+        inside = torch.isin(_as_batch(t, n, device), self.timesteps[start:end].to(device=device, dtype=torch.long))
+        return _expand(inside)
 
     # ------------------------------------------------------------------ the family
     def make_scheduler(self, scheduler_config):
@@ -345,18 +365,18 @@ class Sampler:
 class DDIM(Sampler):
     """DDIM with eta (``sampler=ddim``): eta = 1 gives DDPM's posterior variance, DDPO's setting.
 
-    ``stochastic_window`` = [start, end): only steps start..end-1 draw noise (eta); the others are
-    DDIM's deterministic step (eta = 0) and no algorithm trains on them (MixGRPO's window, Li et al.
-    2025; Flow-GRPO-Fast). The steps that decide the layout are the early ones, while the last steps,
-    whose std is smallest, carry most of the log-density's gradient; a window keeps the update on
-    the former. ``null``: every step stochastic.
+    ``stochastic_window`` = [start, end) (every sampler has it): only steps start..end-1 draw noise;
+    the others are the family's deterministic step (here DDIM with eta = 0) and no algorithm trains
+    on them (MixGRPO's window, Li et al. 2025; Flow-GRPO-Fast). On the toy model the early steps
+    decide the layout while the last steps, whose std is smallest, carry most of the log-density's
+    gradient; a window keeps the update on the former (experiments/README.md). ``null``: every step.
     """
 
     def __init__(
         self, num_steps: int = 50, eta: float = 1.0, guidance_scale: float = 5.0, batch_size: int = 8,
         negative_prompt: str = "", stochastic_window: list[int] | None = None,
     ):  # fmt: skip
-        super().__init__(num_steps, guidance_scale, batch_size, negative_prompt)
+        super().__init__(num_steps, guidance_scale, batch_size, negative_prompt, stochastic_window)
         if not 0.0 < eta <= 1.0:
             raise ConfigError(
                 "sampler.eta",
@@ -364,31 +384,13 @@ class DDIM(Sampler):
                 "policy-gradient finetuning needs 0 < eta <= 1; DDPO uses 1.0",
             )
         self.eta = eta
-        if stochastic_window is not None:
-            window = list(stochastic_window)
-            if len(window) != 2 or not 0 <= window[0] < window[1] <= num_steps:
-                raise ConfigError(
-                    "sampler.stochastic_window",
-                    f"{stochastic_window} is not a window [start, end) of the {num_steps} steps",
-                    f"set two step indices with 0 <= start < end <= sampler.num_steps, e.g. [0, {num_steps}], "
-                    "or null for every step",
-                )
-            stochastic_window = window
-        self.stochastic_window = stochastic_window
 
     def make_scheduler(self, scheduler_config) -> DDIMScheduler:
         return DDIMScheduler.from_config(scheduler_config)
 
-    def _eta(self, t: Tensor, n: int, device) -> float | Tensor:
-        """eta per row: eta inside the window, 0 outside it  [B, 1, 1, 1] (or the scalar eta)."""
-        if self.stochastic_window is None:
-            return self.eta
-        start, end = self.stochastic_window
-        inside = torch.isin(_as_batch(t, n, device), self.timesteps[start:end].to(device=device, dtype=torch.long))
-        return _expand(inside.to(torch.float64) * self.eta)
-
     def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
-        eta = self._eta(t, sample.shape[0], sample.device)
+        inside = self.in_window(t, sample.shape[0], sample.device)
+        eta = self.eta if inside is None else inside.to(torch.float64) * self.eta  # eta 0 outside the window
         return ddim_step_with_log_prob(
             self.scheduler, model_output, t, sample, eta, prev_sample=prev_sample, variance_noise=variance_noise
         )
@@ -405,6 +407,14 @@ class DDPM(Sampler):
         return DDPMScheduler.from_config(scheduler_config, variance_type="fixed_small")
 
     def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
-        return ddpm_step_with_log_prob(
-            self.scheduler, model_output, t, sample, prev_sample=prev_sample, variance_noise=variance_noise
-        )
+        inside = self.in_window(t, sample.shape[0], sample.device)
+        if inside is None:
+            return ddpm_step_with_log_prob(
+                self.scheduler, model_output, t, sample, prev_sample=prev_sample, variance_noise=variance_noise
+            )
+        step = ddpm_step_with_log_prob(self.scheduler, model_output, t, sample, variance_noise=variance_noise)
+        std = torch.where(inside, step.std, torch.zeros_like(step.std))  # the posterior mean outside the window
+        if prev_sample is None:
+            prev_sample = step.mean + std * variance_noise if variance_noise is not None else step.prev_sample
+            prev_sample = torch.where(inside, prev_sample, step.mean)
+        return StepOutput(prev_sample, _gaussian_log_prob(prev_sample, step.mean, std), step.mean, std)

@@ -197,3 +197,19 @@ def test_a_window_outside_the_steps_is_refused(window):
 
     with pytest.raises(ConfigError, match="sampler.stochastic_window"):
         DDIM(8, stochastic_window=window)
+
+
+def test_a_ddpm_window_keeps_the_posterior_mean_outside_it():
+    config = DDPMScheduler(**SD_BETAS, clip_sample=False).config
+    windowed = DDPM(6, stochastic_window=[0, 2]).setup(config)
+    plain = DDPM(6).setup(config)
+    assert windowed.stochastic.tolist() == [True, True, False, False, False, False]
+    g = torch.Generator().manual_seed(4)
+    x, eps, noise = (_randn(6, 4, 8, 8, generator=g) for _ in range(3))
+    t = plain.timesteps
+    got = windowed.step_with_log_prob(eps, t, x, variance_noise=noise)
+    want = plain.step_with_log_prob(eps, t, x, variance_noise=noise)
+    torch.testing.assert_close(got.prev_sample[:2], want.prev_sample[:2], **F64)
+    torch.testing.assert_close(got.log_prob[:2], want.log_prob[:2], **F64)
+    torch.testing.assert_close(got.prev_sample[2:], want.mean[2:], **F64)
+    assert (got.std[2:] == 0).all() and (got.log_prob[2:] == 0).all()
