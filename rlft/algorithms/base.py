@@ -114,10 +114,14 @@ class Algorithm:
     uses_reference: bool = False  # asks for pi_ref's step during the update (ctx.steps(..., reference=True))
     needs_reward_maps: bool = False  # the reward must give per-pixel maps (PXPO)
     min_images_per_prompt: int = 1  # e.g. 2 for pairwise losses
+    log_prob_reduction: str | None = None  # mean | sum over latent dimensions (checked_reduction); None: own method
 
     def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
-        """Element-wise log-density [b, C, h, w] -> what this algorithm trains on."""
-        raise NotImplementedError
+        """Element-wise log-density [b, C, h, w] -> what this algorithm trains on: by default its mean (or
+        sum) over latent dimensions as ``log_prob_reduction`` says  [b]."""
+        if self.log_prob_reduction is None:
+            raise NotImplementedError
+        return reduce_latent(log_prob, self.log_prob_reduction)
 
     def check(
         self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int, images_per_prompt: int
@@ -144,6 +148,13 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def checked_reduction(how: str) -> str:
+    """``algorithm.log_prob_reduction``, refused unless mean or sum."""
+    if how not in ("mean", "sum"):
+        raise ConfigError("algorithm.log_prob_reduction", f"'{how}' is not one of mean, sum")
+    return how
 
 
 def reduce_latent(log_prob: Tensor, how: str) -> Tensor:

@@ -34,7 +34,7 @@ from typing import Literal
 
 from torch import Tensor
 
-from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.base import Comm, Rollout, TrainContext, checked_reduction
 from rlft.algorithms.ppo import PPOAlgorithm, ppo_clip_loss
 from rlft.algorithms.stat_tracking import PerPromptStatTracker
 from rlft.errors import ConfigError
@@ -59,10 +59,6 @@ class DDPO(PPOAlgorithm):
         log_prob_reduction: Literal["mean", "sum"] = "mean",
         kl_coef: float = 0.0,
     ):
-        if not kl_coef >= 0:
-            raise ConfigError("algorithm.kl_coef", f"must be >= 0, got {kl_coef}", "0 is DDPO without the KL term")
-        if log_prob_reduction not in ("mean", "sum"):
-            raise ConfigError("algorithm.log_prob_reduction", f"'{log_prob_reduction}' is not one of mean, sum")
         if estimator not in ("ppo", "sf"):
             raise ConfigError("algorithm.estimator", f"'{estimator}' is not one of ppo, sf")
         super().__init__(
@@ -70,23 +66,19 @@ class DDPO(PPOAlgorithm):
             adv_clip_max=adv_clip_max,
             timestep_fraction=timestep_fraction,
             num_inner_epochs=num_inner_epochs,
+            kl_weight=kl_coef,
+            kl_key="kl_coef",
         )
         for key, value in (("stat_buffer_size", stat_buffer_size), ("stat_min_count", stat_min_count)):
             if value < 1:
                 raise ConfigError(f"algorithm.{key}", f"must be >= 1, got {value}")
         self.estimator = estimator
-        self.kl_coef = kl_coef
-        self.uses_reference = kl_coef > 0  # the KL term reads pi_ref's step mean
-        self.log_prob_reduction = log_prob_reduction
+        self.log_prob_reduction = checked_reduction(log_prob_reduction)
         self.tracker = (
             PerPromptStatTracker(stat_buffer_size, stat_min_count, stat_max_prompts)
             if per_prompt_stat_tracking
             else None
         )
-
-    def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
-        """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        return reduce_latent(log_prob, self.log_prob_reduction)
 
     # ------------------------------------------------------------------ advantages
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
@@ -108,7 +100,7 @@ class DDPO(PPOAlgorithm):
         """L_t (section 4.3): the clipped ratio objective, or -A log pi for the score-function estimator;
         plus kl_coef * KL_t to pi_ref when kl_coef > 0."""
         loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, self.estimator)
-        return self.with_kl_to_reference(loss, diagnostics, self.kl_coef, rollout, rows, step, ctx)
+        return self.with_kl_to_reference(loss, diagnostics, rollout, rows, step, ctx)
 
     def state_dict(self) -> dict:
         return {"tracker": self.tracker.state_dict() if self.tracker else None}

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.base import Comm, Rollout, TrainContext, checked_reduction
 from rlft.algorithms.ppo import PPOAlgorithm
 from rlft.errors import ConfigError
 from rlft.learner import Rows
@@ -68,21 +68,13 @@ class GRPO(PPOAlgorithm):
             adv_clip_max=adv_clip_max,
             timestep_fraction=timestep_fraction,
             num_inner_epochs=num_inner_epochs,
+            kl_weight=beta,
+            kl_key="beta",
         )
-        if not beta >= 0:
-            raise ConfigError("algorithm.beta", f"must be >= 0, got {beta}", "0 drops the KL term")
         if std not in ("group", "global"):
             raise ConfigError("algorithm.std", f"'{std}' is not one of group, global")
-        if log_prob_reduction not in ("mean", "sum"):
-            raise ConfigError("algorithm.log_prob_reduction", f"'{log_prob_reduction}' is not one of mean, sum")
-        self.beta = beta
-        self.uses_reference = beta > 0  # the KL term reads pi_ref's step mean
         self.std = std
-        self.log_prob_reduction = log_prob_reduction
-
-    def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
-        """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        return reduce_latent(log_prob, self.log_prob_reduction)
+        self.log_prob_reduction = checked_reduction(log_prob_reduction)
 
     def prepare(self, rollout: Rollout, comm: Comm) -> dict[str, float]:
         """A_i over each prompt's images (a prompt's images are on one process; ``std=global`` gathers
@@ -98,4 +90,4 @@ class GRPO(PPOAlgorithm):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The clipped ratio objective plus beta * KL_t at each row."""
         loss, diagnostics = self.policy_loss(rollout, rows, step, advantages, "ppo")
-        return self.with_kl_to_reference(loss, diagnostics, self.beta, rollout, rows, step, ctx)
+        return self.with_kl_to_reference(loss, diagnostics, rollout, rows, step, ctx)

@@ -53,7 +53,16 @@ def gaussian_kl(mean: Tensor, ref_mean: Tensor, std: Tensor) -> Tensor:
 class PPOAlgorithm(Algorithm):
     """The schedule above; a subclass sets ``rollout.advantages`` in ``prepare`` and defines ``row_loss``."""
 
-    def __init__(self, *, clip_range: float, adv_clip_max: float, timestep_fraction: float, num_inner_epochs: int):
+    def __init__(
+        self, *, clip_range: float, adv_clip_max: float, timestep_fraction: float, num_inner_epochs: int,
+        kl_weight: float = 0.0, kl_key: str = "kl_coef",
+    ):  # fmt: skip
+        """``kl_weight``: the weight of the KL to pi_ref (:meth:`with_kl_to_reference`), configured as
+        ``algorithm.<kl_key>`` (GRPO's beta, DDPO's kl_coef); 0 drops the term and pi_ref."""
+        if not kl_weight >= 0:
+            raise ConfigError(f"algorithm.{kl_key}", f"must be >= 0, got {kl_weight}", "0 drops the KL term")
+        self.kl_weight = kl_weight
+        self.uses_reference = kl_weight > 0  # the KL term reads pi_ref's step mean
         if not 0.0 < timestep_fraction <= 1.0:
             raise ConfigError("algorithm.timestep_fraction", f"must be in (0, 1], got {timestep_fraction}")
         for key, value in (("clip_range", clip_range), ("adv_clip_max", adv_clip_max)):
@@ -90,15 +99,14 @@ class PPOAlgorithm(Algorithm):
         return loss, ppo_diagnostics(step.log_prob.detach(), old, self.clip_range)
 
     def with_kl_to_reference(
-        self, loss: Tensor, diagnostics: dict, coef: float, rollout: Rollout, rows: Rows, step: StepOutput,
-        ctx: TrainContext,
-    ) -> tuple[Tensor, dict[str, Tensor]]:  # fmt: skip
-        """loss + coef * KL_t(pi_theta || pi_ref) at the rows (pi_ref's step without gradients), logged
-        as train/kl_ref; the loss unchanged when coef = 0 (pi_ref is then never read)."""
-        if coef > 0:
+        self, loss: Tensor, diagnostics: dict, rollout: Rollout, rows: Rows, step: StepOutput, ctx: TrainContext
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """loss + kl_weight * KL_t(pi_theta || pi_ref) at the rows (pi_ref's step without gradients), logged
+        as train/kl_ref; the loss unchanged when kl_weight = 0 (pi_ref is then never read)."""
+        if self.kl_weight > 0:
             ref = ctx.steps(rollout, rows, reference=True)
             kl = gaussian_kl(step.mean, ref.mean.to(step.mean), step.std)
-            loss = loss + coef * kl
+            loss = loss + self.kl_weight * kl
             diagnostics["train/kl_ref"] = kl.detach()
         return loss, diagnostics
 

@@ -46,7 +46,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, reduce_latent
+from rlft.algorithms.base import Algorithm, Comm, Rollout, TrainContext, checked_reduction
 from rlft.errors import ConfigError
 from rlft.learner import Rows
 from rlft.sampling import compute_dtype
@@ -164,19 +164,13 @@ class PRDP(Algorithm):
             raise ConfigError("algorithm.clip_range", f"must be > 0, got {clip_range}")
         if aggregation not in ("mean", "sum"):
             raise ConfigError("algorithm.aggregation", f"'{aggregation}' is not one of mean, sum")
-        if log_prob_reduction not in ("mean", "sum"):
-            raise ConfigError("algorithm.log_prob_reduction", f"'{log_prob_reduction}' is not one of mean, sum")
         if num_inner_epochs < 1:
             raise ConfigError("algorithm.num_inner_epochs", f"must be >= 1, got {num_inner_epochs}")
         self.beta = beta
         self.clip_range = clip_range
         self.aggregation = aggregation
-        self.log_prob_reduction = log_prob_reduction
+        self.log_prob_reduction = checked_reduction(log_prob_reduction)
         self.num_inner_epochs = num_inner_epochs
-
-    def reduce_log_prob(self, log_prob: Tensor) -> Tensor:
-        """Mean (or sum) over latent dimensions  [b, C, h, w] -> [b]."""
-        return reduce_latent(log_prob, self.log_prob_reduction)
 
     def check(
         self, samples_per_process: int, train_batch_size: int, gradient_accumulation_steps: int, images_per_prompt: int
