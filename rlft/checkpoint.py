@@ -3,6 +3,8 @@
     <run>/checkpoints/epoch_NNNNN/
         trainable.safetensors   the trainable weights (the LoRA adapter or the whole UNet)
         optimizer.safetensors   every tensor of the optimizer's state, keyed "<parameter index>/<name>"
+        ema.safetensors         with trainer.ema_decay: the moving average of the trainable weights
+                                (named as trainable.safetensors; evaluation and export use it)
         run_state.json          written last, so that its presence marks a complete checkpoint: the
                                 epoch, the resolved config, the optimizer's parameter groups and
                                 non-tensor state, the gradient scaler's state (fp16) and the run's own
@@ -30,6 +32,9 @@ from rlft.errors import RlftError
 
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+EMA_FILE = (
+    "ema.safetensors"  # trainer.ema_decay: the moving average of the trainable weights, named as in TRAINABLE_FILE
+)
 COMPLETE_MARKER = "run_state.json"
 FORMAT = 2  # 1: accelerate's save_state with pickled run state (no longer read)
 
@@ -89,10 +94,18 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(f"{path}: {e}") from None
 
 
-def write(directory: Path, trainable: dict[str, torch.Tensor], optimizer: dict, meta: dict) -> None:
+def write(
+    directory: Path,
+    trainable: dict[str, torch.Tensor],
+    optimizer: dict,
+    meta: dict,
+    ema: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write a checkpoint into ``directory`` (which must exist); the marker last. A failed write
     raises OSError."""
     _save(trainable, directory / TRAINABLE_FILE)
+    if ema is not None:
+        _save(ema, directory / EMA_FILE)
     tensors, plain = optimizer_to_files(optimizer)
     _save(tensors, directory / OPTIMIZER_FILE)
     marker = {"format": FORMAT, **meta, "optimizer": plain}
@@ -132,6 +145,17 @@ def read(directory: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{directory / COMPLETE_MARKER}: optimizer state unreadable ({e})") from None
     return marker, files[TRAINABLE_FILE], optimizer
+
+
+def read_ema(directory: Path) -> dict[str, torch.Tensor] | None:
+    """The checkpoint's moving-average weights (``EMA_FILE``), None when the run kept none."""
+    path = directory / EMA_FILE
+    if not path.exists():
+        return None
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

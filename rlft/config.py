@@ -35,6 +35,8 @@ from rlft.errors import ConfigError, RlftError
 COMPONENT_GROUPS = ("model", "reward", "algorithm", "sampler", "dataset", "logger", "optimizer")
 # evaluation sets: a named dict filled from the dataset group, dataset@eval_datasets.<name>=<option>
 EVAL_DATASETS = "eval_datasets"
+# held-out rewards: a named dict filled from the reward group, reward@eval_rewards.<name>=<option>
+EVAL_REWARDS = "eval_rewards"
 
 
 class NaNPolicy(str, enum.Enum):
@@ -58,6 +60,10 @@ class TrainerConfig:
     # (x2 with guidance); the gradient is the same up to summation order
     rows_per_call: Optional[int] = None  # noqa: UP045 (OmegaConf reads typing.Optional)
     max_grad_norm: float = 1.0
+    # an exponential moving average of the trainable weights (diffusers' EMAModel: after optimizer step k,
+    # ema <- d_k ema + (1 - d_k) theta with d_k = min(ema_decay, k / (9 + k))), used for evaluation and
+    # export and saved in checkpoints; null: off
+    ema_decay: Optional[float] = None  # noqa: UP045
     mixed_precision: str = "no"  # no | fp16 | bf16 (log-probs are always computed in fp32)
     allow_tf32: bool = True
     eval_every: int = 10  # epochs; 0 disables evaluation
@@ -93,6 +99,7 @@ class RunConfig:
     algorithm: Any = None
     dataset: Any = None
     eval_datasets: Any = field(default_factory=dict)  # name -> dataset node (dataset@eval_datasets.<name>)
+    eval_rewards: Any = field(default_factory=dict)  # name -> held-out reward node (reward@eval_rewards.<name>)
     logger: Any = None
     optimizer: Any = None
 
@@ -221,6 +228,7 @@ def validate_component(group: str, node: DictConfig) -> None:
         return
     if not isinstance(node, DictConfig):
         option = f"dataset@{group}" if group.startswith(EVAL_DATASETS) else group
+        option = f"reward@{group}" if group.startswith(EVAL_REWARDS) else option
         raise ConfigError(
             group,
             f"is the plain value {node!r}, not a component",
@@ -314,6 +322,21 @@ def validate(cfg: DictConfig) -> None:
         )
     for name, node in eval_datasets.items():
         validate_component(f"{EVAL_DATASETS}.{name}", node)
+    eval_rewards = cfg.get(EVAL_REWARDS)
+    if eval_rewards is not None and not isinstance(eval_rewards, DictConfig):
+        raise ConfigError(
+            EVAL_REWARDS,
+            f"is the plain value {eval_rewards!r}, not a set of named held-out rewards",
+            f"name each one: +reward@{EVAL_REWARDS}.pickscore=pickscore",
+        )
+    for name, node in (eval_rewards or {}).items():
+        if name in ("reward", "drift", "diversity"):
+            raise ConfigError(
+                f"{EVAL_REWARDS}.{name}",
+                f"'{name}' names the training reward's, drift's or diversity's metrics",
+                f"give the held-out reward another name: +reward@{EVAL_REWARDS}.<name>=<option>",
+            )
+        validate_component(f"{EVAL_REWARDS}.{name}", node)
     build(cfg.sampler, "sampler")  # its values (steps, eta, guidance): a sampler is built without the model
     t = cfg.trainer
     if t.mixed_precision not in ("no", "fp16", "bf16"):
@@ -335,6 +358,12 @@ def validate(cfg: DictConfig) -> None:
             "trainer.max_grad_norm",
             f"must be a finite number > 0, got {t.max_grad_norm}",
             "gradients are clipped to this norm (1.0 in DDPO and PRDP); a negative value would reverse them",
+        )
+    if t.get("ema_decay") is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(
+            "trainer.ema_decay",
+            f"must be in (0, 1) or null, got {t.ema_decay}",
+            "0.99 averages over ~100 optimizer steps",
         )
     if not 0 <= cfg.seed < 2**63:
         raise ConfigError("seed", f"must be an integer in [0, 2^63), got {cfg.seed}")

@@ -10,7 +10,8 @@
 
 Both write <out>/rlft_export.json: the base model, the checkpoint, and the sampler the run
 trained with (scheduler, steps, eta, guidance scale), which `python -m rlft.sample <out>` reads.
-A run directory exports its latest complete checkpoint. Nothing is unpickled (rlft/checkpoint.py).
+A run directory exports its latest complete checkpoint; a run with ``trainer.ema_decay`` exports its
+moving-average weights (the ones its evaluations scored). Nothing is unpickled (rlft/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def load_finetuned(source: Path, base: str | None = None):
 
     checkpoint = find_checkpoint(source)
     marker, trainable, _ = ckpt.read(checkpoint)
+    ema = ckpt.read_ema(checkpoint)
+    if ema is not None:  # trainer.ema_decay: the moving average is the model the run evaluated
+        trainable = ema
     cfg = OmegaConf.create(marker["config"])
     if base is not None:
         cfg.model.path = str(base)

@@ -113,19 +113,30 @@ def model_world(model: DictConfig) -> str | None:
 
 
 def check_world(cfg: DictConfig) -> None:
-    """Refuse a reward of one world on the other's model, with the fix."""
-    reward, model = _config_world(cfg.reward), model_world(cfg.model)
-    if reward is None or model is None or reward == model:
-        return
-    name = str(cfg.reward._target_).rsplit(".", 1)[-1]
-    if reward == "natural":
+    """Refuse a reward (the training reward or a held-out one) of one world on the other's model, with the fix."""
+    model = model_world(cfg.model)
+    held_out = cfg.get("eval_rewards") or {}
+    for key, node in [("reward", cfg.reward), *((f"eval_rewards.{h}", n) for h, n in held_out.items())]:
+        reward = _config_world(node)
+        if reward is None or model is None or reward == model:
+            continue
+        name = str(node._target_).rsplit(".", 1)[-1]
+        if key != "reward":
+            raise ConfigError(
+                key,
+                f"the held-out reward {name} judges {'natural images' if reward == 'natural' else 'toy scenes'}, "
+                f"not this model's images",
+                f"drop it: ~{key}",
+            )
+        if reward == "natural":
+            raise ConfigError(
+                "model",
+                f"{name} scores natural images, but the toy model draws 32x32 shapes",
+                "drop model=toy to run the paper setting on Stable Diffusion, "
+                "or use a toy reward (reward=toy_alignment)",
+            )
         raise ConfigError(
-            "model",
-            f"{name} scores natural images, but the toy model draws 32x32 shapes",
-            "drop model=toy to run the paper setting on Stable Diffusion, or use a toy reward (reward=toy_alignment)",
+            "reward",
+            f"{name} judges the toy world's scenes, but model.path '{cfg.model.path}' is not the toy model",
+            "use model=toy, or a natural-image reward (reward=hpsv2, pickscore, aesthetic, ...)",
         )
-    raise ConfigError(
-        "reward",
-        f"{name} judges the toy world's scenes, but model.path '{cfg.model.path}' is not the toy model",
-        "use model=toy, or a natural-image reward (reward=hpsv2, pickscore, aesthetic, ...)",
-    )

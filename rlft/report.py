@@ -11,10 +11,16 @@ Reads every run under the directory (a folder holding ``metrics.jsonl`` and Hydr
   first): for every seed both groups ran, d_s = last_s(group) - last_s(baseline), and mean_s d_s ±
   its 95% CI. A difference whose interval holds 0 is inside the noise, and the table says so.
 * ``report.json``: the same numbers, machine-readable.
+* held-out rewards (``eval_rewards``), drift and diversity (rlft/evaluation.py): per group and set,
+  each held-out reward's gain from the first to the last evaluation and the last drift and
+  diversity, over seeds with their 95% CI; and the *flagged* runs, whose training reward rose on a
+  set (paired gain > 0) while a held-out reward fell by more than its 95% interval over prompts
+  (gain < -1.96 SE): a run that may be hacking its reward.
 * ``report.png``: per evaluation set, the reward against epochs; the training reward against
-  sampled images; loss, approx KL, clip fraction and gradient norm against epochs; and each
-  evaluation sub-score the reward reports. Each group's mean over seeds is a line, its 95% CI
-  shaded.
+  sampled images; loss, approx KL, clip fraction and gradient norm against epochs; each
+  evaluation sub-score the reward reports; and the "hacking frontier": the training reward on each
+  set against each held-out reward and against drift, one point per evaluation. Each group's mean
+  over seeds is a line, its 95% CI shaded (error bars on the frontier).
 """
 
 from __future__ import annotations
@@ -83,6 +89,48 @@ def sub_scores(rows: list[dict]) -> list[str]:
     return parts
 
 
+def held_out_rewards(rows: list[dict]) -> list[str]:
+    """Names of the held-out rewards in a run's metrics (eval/<set>/<name>/mean)."""
+    names = []
+    for r in rows:
+        for key in r:
+            bits = key.split("/")
+            if len(bits) == 4 and bits[0] == "eval" and bits[3] == "mean" and bits[2] != "reward":
+                if bits[2] not in names:
+                    names.append(bits[2])
+    return names
+
+
+Z95 = 1.959964  # a held-out reward "fell" when its paired gain over prompts is below -Z95 standard errors
+
+
+def hacking_flags(label: str, seed: int, rows: list[dict]) -> list[dict]:
+    """The sets on which this run's training reward rose (paired gain since the first evaluation > 0)
+    while a held-out reward fell by more than its 95% interval, at the run's last evaluation."""
+    flags = []
+    for s in eval_sets(rows):
+        last = next((r for r in reversed(rows) if f"eval/{s}/reward/gain" in r), None)
+        if last is None or not last[f"eval/{s}/reward/gain"] > 0:
+            continue
+        for h in held_out_rewards(rows):
+            gain, se = last.get(f"eval/{s}/{h}/gain"), last.get(f"eval/{s}/{h}/gain_se")
+            if gain is not None and se is not None and gain < -Z95 * se:
+                flags.append(
+                    {
+                        "group": label,
+                        "seed": seed,
+                        "set": s,
+                        "epoch": last.get("epoch"),
+                        "reward_gain": last[f"eval/{s}/reward/gain"],
+                        "reward_gain_se": last.get(f"eval/{s}/reward/gain_se", math.nan),
+                        "held_out": h,
+                        "held_out_gain": gain,
+                        "held_out_gain_se": se,
+                    }
+                )
+    return flags
+
+
 def series(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows if key in r and r[key] is not None]
 
@@ -124,7 +172,20 @@ def summarise(groups: dict[str, list[Run]], images: dict[str, float], baseline: 
             g[f"{s}/last"] = _ci([e[-1] for e in evals if e])
             g[f"{s}/gain"] = _ci([e[-1] - e[0] for e in evals if len(e) > 1])
         g["train/last_third"] = _ci([v for _, rows in runs if not math.isnan(v := last_third(rows))])
+        held = list(dict.fromkeys(h for _, rows in runs for h in held_out_rewards(rows)))
+        g["held_out"] = held
+        for s in sets:
+            for h in held:
+                evals = [series(rows, f"eval/{s}/{h}/mean") for _, rows in runs]
+                g[f"{s}/{h}/gain"] = _ci([e[-1] - e[0] for e in evals if len(e) > 1])
+            for what in ("drift/rmse", "drift/clip", "diversity/rmse", "diversity/clip"):
+                values = [series(rows, f"eval/{s}/{what}/mean") for _, rows in runs]
+                if any(values):
+                    g[f"{s}/{what}"] = _ci([v[-1] for v in values if v])
         out["groups"][label] = g
+    out["flags"] = [
+        f for label, runs in groups.items() for seed, rows in runs for f in hacking_flags(label, seed, rows)
+    ]
     base = {seed: rows for seed, rows in groups.get(baseline, [])}
     for label, runs in groups.items():
         if label == baseline:
@@ -167,7 +228,48 @@ def markdown(summary: dict) -> str:
                     verdict = " (inside the noise)" if abs(d["mean"]) <= d["ci95"] else " (resolved)"
                 cells.append(_cell(d) + (f", {d['n']} seeds" if d["n"] else "") + verdict)
             lines.append("| " + " | ".join(cells) + " |")
+    lines += _hacking_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def _hacking_markdown(summary: dict) -> list[str]:
+    groups = summary["groups"]
+    held = list(dict.fromkeys(h for g in groups.values() for h in g.get("held_out", [])))
+    measures = [
+        w
+        for w in ("drift/rmse", "drift/clip", "diversity/rmse", "diversity/clip")
+        if any(f"{s}/{w}" in g for g in groups.values() for s in summary["sets"])
+    ]
+    if not held and not measures:
+        return []
+    lines = ["\n## Held-out rewards, drift and diversity\n"]
+    head = ["method", "set", "reward: gain"] + [f"{h}: gain" for h in held] + [f"{w} (last)" for w in measures]
+    lines += ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    empty = {"mean": math.nan, "ci95": math.nan, "n": 0}
+    for label, g in groups.items():
+        for s in summary["sets"]:
+            cells = [label, s, _cell(g[f"{s}/gain"])]
+            cells += [_cell(g.get(f"{s}/{h}/gain", empty)) for h in held]
+            cells += [_cell(g.get(f"{s}/{w}", empty)) for w in measures]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        "\nGains from the first to the last evaluation; drift: distance from the first evaluation's images "
+        "(same prompts and noise); diversity: mean distance between a prompt's images (rlft/evaluation.py)."
+    )
+    flags = summary.get("flags", [])
+    if flags:
+        lines.append(
+            "\n**Flagged runs** (training reward rose while a held-out reward fell beyond its 95% interval):\n"
+        )
+        for f in flags:
+            lines.append(
+                f"- `{f['group']}` seed {f['seed']}, {f['set']} at epoch {f['epoch']}: reward "
+                f"{f['reward_gain']:+.4f} ± {f['reward_gain_se']:.4f} SE, {f['held_out']} "
+                f"{f['held_out_gain']:+.4f} ± {f['held_out_gain_se']:.4f} SE (paired over prompts)"
+            )
+    elif held:
+        lines.append("\nNo run raised its training reward while a held-out reward fell beyond its 95% interval.")
+    return lines
 
 
 def _band(ax, xs_per_run: list[list[float]], ys_per_run: list[list[float]], label: str, style: str = "-") -> None:
@@ -185,6 +287,32 @@ def _band(ax, xs_per_run: list[list[float]], ys_per_run: list[list[float]], labe
         ax.fill_between(xs, lo, hi, alpha=0.2, color=line.get_color())
 
 
+def _frontier(ax, runs_rows: list[list[dict]], x_key: str, y_key: str, label: str) -> None:
+    """One point per evaluation: the mean over seeds of the training reward (x) and of ``y_key`` (y),
+    each with its 95% CI as an error bar; the line runs from the first evaluation to the last."""
+    pairs = [
+        [(r[x_key], r[y_key]) for r in rows if r.get(x_key) is not None and r.get(y_key) is not None]
+        for rows in runs_rows
+    ]
+    pairs = [p for p in pairs if p]
+    if not pairs:
+        return
+    n = min(len(p) for p in pairs)
+    xs = [t_interval([p[i][0] for p in pairs]) for i in range(n)]
+    ys = [t_interval([p[i][1] for p in pairs]) for i in range(n)]
+    bars = lambda stats: [0.0 if math.isnan(h) else h for _, h, _ in stats]  # noqa: E731
+    ax.errorbar(
+        [m for m, _, _ in xs],
+        [m for m, _, _ in ys],
+        xerr=bars(xs),
+        yerr=bars(ys),
+        marker="o",
+        markersize=3,
+        capsize=2,
+        label=label,
+    )
+
+
 def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out: Path) -> None:
     import matplotlib
 
@@ -197,6 +325,13 @@ def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out:
     train = [k for k in TRAIN_PANELS if any(series(rows, k) for rows in all_rows)]
     panels = [("eval", s) for s in sets] + [("train_reward", None)] + [("train", k) for k in train]
     panels += [("part", p) for p in parts]
+    held = list(dict.fromkeys(h for rows in all_rows for h in held_out_rewards(rows)))
+    panels += [("frontier", (s, f"eval/{s}/{h}/mean")) for s in sets for h in held]
+    panels += [
+        ("frontier", (s, f"eval/{s}/drift/rmse/mean"))
+        for s in sets
+        if any(series(rows, f"eval/{s}/drift/rmse/mean") for rows in all_rows)
+    ]
     cols = min(4, len(panels))
     rows_n = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
@@ -204,6 +339,9 @@ def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out:
     for ax, (kind, what) in zip(axes.flat, panels):
         for label, runs in groups.items():
             runs_rows = [rows for _, rows in runs]
+            if kind == "frontier":
+                _frontier(ax, runs_rows, f"eval/{what[0]}/reward/mean", what[1], label)
+                continue
             if kind == "train_reward":
                 per = samples_per_epoch[label]
                 xs = [[r["epoch"] * per for r in rows if "reward/mean" in r] for rows in runs_rows]
@@ -216,6 +354,10 @@ def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out:
                 xs = [[r["epoch"] for r in rows if key in r and r[key] is not None] for rows in runs_rows]
                 name = f"{label} [{key.split('/')[1]}]" if kind == "part" else label
                 _band(ax, xs, [series(rows, key) for rows in runs_rows], name, style)
+        if kind == "frontier":
+            ax.set_title(f"frontier on {what[0]}: {what[1].split('/', 2)[2].removesuffix('/mean')}", fontsize=9)
+            ax.set_xlabel(f"eval/{what[0]}: training reward")
+            continue
         title = {"eval": f"eval/{what}: reward", "train_reward": "training reward", "train": what}.get(kind)
         ax.set_title(title or f"eval sub-score: {what}", fontsize=9)
         ax.set_xlabel("sampled images" if kind == "train_reward" else "epoch")

@@ -18,7 +18,7 @@ import math
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +35,18 @@ from rlft.config import NaNPolicy, build
 from rlft.data import PromptDataset, PromptStream, shard
 from rlft.errors import ConfigError, RewardError, RlftError
 from rlft.evaluation import (
+    BASE_FILE,
     BEFORE_AFTER_FILE,
+    LATEST_FILE,
     EvalResult,
+    base_record,
     before_after_grid,
     gain_lines,
     load_first,
+    load_records,
+    measure_drift_and_diversity,
     save_first,
+    save_records,
     showcase_indices,
     side_by_side,
 )
@@ -191,12 +197,34 @@ class Runner:
             probe = data.evaluation_prompts(16)
             self.reward.check_prompts([p.text for p in probe], key)
             self.reward.check_metadata([p.metadata for p in probe], key)
+        # held-out rewards: scored at every evaluation, never trained on (none when evaluation is off)
+        self.eval_rewards: dict[str, Reward] = {
+            name: build(node, f"eval_rewards.{name}", home="reward")
+            for name, node in (cfg.get("eval_rewards") or {}).items()
+            if self.eval_datasets
+        }
+        for name, held in self.eval_rewards.items():
+            for key, data in self.eval_datasets.items():
+                probe = data.evaluation_prompts(16)
+                try:
+                    held.check_prompts([p.text for p in probe], f"eval_datasets.{key}")
+                    held.check_metadata([p.metadata for p in probe], f"eval_datasets.{key}")
+                except ConfigError as exc:
+                    raise ConfigError(
+                        f"eval_rewards.{name}",
+                        f"cannot judge eval_datasets.{key}: {exc.problem}",
+                        f"drop it: ~eval_rewards.{name}",
+                    ) from None
         self.stream = PromptStream(self.dataset, seed=cfg.seed)
         self.logger = build(cfg.logger, "logger") if self.is_main else None
         # the policy (a LoRA adapter's initialisation draws from torch's global generator)
         seed_global(cfg.seed, INIT)
         self.policy: Policy = build(cfg.model, "model")
         self.reward.to(self.device)
+        for held in self.eval_rewards.values():
+            held.to(self.device)
+        # CLIP image features for drift and diversity: from the first reward that has an image encoder
+        self.feature_reward = next((r for r in [self.reward, *self.eval_rewards.values()] if r.gives_features), None)
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(t.mixed_precision, torch.float32)
         if self.device.type == "cpu":
             weight_dtype = torch.float32
@@ -205,6 +233,11 @@ class Runner:
             self.policy.keep_reference()  # pi_ref: the weights as loaded, before any checkpoint
         self.sampler.setup(self.policy.scheduler_config)
         self.params = self.policy.trainable_parameters()
+        self.ema = None  # trainer.ema_decay: the moving average of self.params (evaluation and export use it)
+        if t.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=t.ema_decay)
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.policy.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
         self.run_state = _RunState(self)
@@ -216,6 +249,7 @@ class Runner:
         self.epoch = 0  # completed epochs
         self._bar = None  # the training progress bar of the epoch being trained
         self.first_eval: dict[str, EvalResult] | None = None  # the run's first evaluation (rlft/evaluation.py)
+        self.base_images: dict[str, dict] = {}  # eval/base.pt: each set's first-evaluation images, made once
         self.eval_results: dict[str, EvalResult] = {}  # the latest one
 
     # ------------------------------------------------------------------ checkpoints (rlft/checkpoint.py)
@@ -241,6 +275,10 @@ class Runner:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             trainable = {k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict().items()}
+            ema = None
+            if self.ema is not None:  # copies: on a CPU the state dict's tensors are the weights themselves
+                with self.ema_weights():
+                    ema = {k: v.detach().cpu().clone() for k, v in self.policy.trainable_state_dict().items()}
             scaler = self.accelerator.scaler
             meta = {
                 "epoch": self.epoch,
@@ -248,9 +286,10 @@ class Runner:
                 "config_unresolved": OmegaConf.to_container(self.cfg, resolve=False),
                 "state": self.run_state.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
+                "ema": None if self.ema is None else {"optimization_step": self.ema.optimization_step},
             }
             try:
-                ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta)
+                ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta, ema)
             except OSError as e:  # a full disk, a quota: the previous checkpoints stay as they were
                 shutil.rmtree(tmp, ignore_errors=True)
                 previous = self.latest_checkpoint()
@@ -273,8 +312,36 @@ class Runner:
             if self.accelerator.scaler is not None and marker.get("scaler"):
                 self.accelerator.scaler.load_state_dict(marker["scaler"])
             self.run_state.load_state_dict(marker["state"])
+            if self.ema is not None:
+                self._load_ema(checkpoint, marker)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             raise CheckpointError(f"{checkpoint} does not fit this run ({type(e).__name__}: {e})") from None
+
+    def _load_ema(self, checkpoint: Path, marker: dict) -> None:
+        """The moving average from ``ema.safetensors``: loaded into the weights, read back as its shadow copy."""
+        named = ckpt.read_ema(checkpoint)
+        if named is None or not marker.get("ema"):
+            raise CheckpointError(f"{checkpoint} holds no moving average (the run had trainer.ema_decay=null)")
+        current = [p.detach().clone() for p in self.params]
+        self.policy.load_trainable_state_dict(named)
+        self.ema.shadow_params = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, value in zip(self.params, current):
+                p.copy_(value)
+        self.ema.optimization_step = int(marker["ema"]["optimization_step"])
+
+    @contextmanager
+    def ema_weights(self):
+        """The moving-average weights in place of the trained ones (trainer.ema_decay), restored on exit."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.params)
 
     def resume_from(self) -> Path | None:
         """Load the checkpoint to continue from, per ``resume`` (auto | never | <dir>); returns it.
@@ -395,6 +462,8 @@ class Runner:
             norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(self.params)
             return float(norm)
 
         return Learner(
@@ -538,18 +607,31 @@ class Runner:
         t0 = time.perf_counter()
         self.eval_results = {}
         for name, dataset in self.eval_datasets.items():
-            result = self._evaluate_on(name, dataset)
+            with self.ema_weights():
+                result = self._evaluate_on(name, dataset)
+            measure_drift_and_diversity(result, self.base_images.get(name))
             self.eval_results[name] = result
+            first = (self.first_eval or {}).get(name, result)
             if self.is_main:
-                rows = [(prompt, float(score)) for prompt, score in zip(result.prompts, result.scores)]
-                self.logger.log_table(f"eval/{name}/table", ["prompt", "reward"], rows, step=self.epoch)
-                first = (self.first_eval or {}).get(name, result)
+                columns, rows = result.table()
+                self.logger.log_table(f"eval/{name}/table", columns, rows, step=self.epoch)
                 if result.showcase is not None and len(result.showcase_index):
                     images, captions = side_by_side(first, result)
                     self.logger.log_images(f"eval/{name}", images.float() / 255, captions, step=self.epoch)
-            out.update(result.metrics(name))
+            out.update(result.metrics(name, first if first is not result else None))
         means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
         out["eval/reward/mean"] = sum(means) / len(means)
+        new_base = {n: base_record(r) for n, r in self.eval_results.items() if n not in self.base_images}
+        if self.is_main:
+            if new_base:  # made once per set: a resumed run measures drift from the same images
+                save_records(self.run_dir, BASE_FILE, {**self.base_images, **new_base})
+            latest = {
+                n: {"epoch": r.epoch, "prompts": r.prompts, "images": r.images} for n, r in self.eval_results.items()
+            }
+            save_records(self.run_dir, LATEST_FILE, latest)
+        self.base_images.update(new_base)
+        for result in self.eval_results.values():
+            result.images = result.features = None  # kept on disk, not in memory
         out["perf/eval_s"] = time.perf_counter() - t0
         if self.first_eval is None:
             self.first_eval = self.eval_results
@@ -567,28 +649,45 @@ class Runner:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         mine = list(range(len(prompts)))[rank::world]
         self.policy.unet.eval()
-        local: dict[str, list] = {"index": mine, "scores": [], "parts": {}, "showcase": []}
+        local: dict = {"index": mine, "scores": [], "parts": {}, "held_out": {}, "held_out_parts": {}}
         if mine:
             keys = [(self.cfg.seed, EVAL, t.eval_seed, i) for i in mine]
-            traj, rewards, _ = self._sample([prompts[i] for i in mine], keys, f"evaluating on {name}")
+            mine_prompts = [prompts[i] for i in mine]
+            traj, rewards, _ = self._sample(mine_prompts, keys, f"evaluating on {name}")
             local["scores"] = rewards.scores.tolist()
             local["parts"] = {k: v.tolist() for k, v in rewards.parts.items()}
-            shown = set(showcase)
-            local["showcase"] = [(i, to_uint8(traj.images[j]).cpu()) for j, i in enumerate(mine) if i in shown]
-        gathered = _Comm(self.accelerator).gather_object([local])
+            texts, metas = [p.text for p in mine_prompts], [dict(p.metadata) for p in mine_prompts]
+            for held_name, held in self.eval_rewards.items():
+                scored = held(traj.images, texts, metas)
+                local["held_out"][held_name] = scored.scores.tolist()
+                local["held_out_parts"][held_name] = {k: v.tolist() for k, v in scored.parts.items()}
+            local["images"] = to_uint8(traj.images).cpu()
+            if self.feature_reward is not None:  # from the saved (uint8) images, as drift compares them
+                local["features"] = self.feature_reward.image_features(local["images"].float() / 255).float().cpu()
+        gathered = [g for g in _Comm(self.accelerator).gather_object([local]) if g["scores"]]  # a process may hold none
         order = [i for g in gathered for i in g["index"]]
         rank_of = sorted(range(len(order)), key=order.__getitem__)  # gathered position of image i
-        scores = [s for g in gathered for s in g["scores"]]
-        names = next((g["parts"] for g in gathered if g["scores"]), {})  # a process may hold no image
-        parts = {k: [v for g in gathered for v in g["parts"][k]] for k in names}
-        pictures = dict(item for g in gathered for item in g["showcase"])
+
+        def ordered(per_process: list[list]) -> torch.Tensor:
+            flat = [v for values in per_process for v in values]
+            return torch.tensor([flat[j] for j in rank_of])
+
+        images = torch.cat([g["images"] for g in gathered])[rank_of]
+        features = torch.cat([g["features"] for g in gathered])[rank_of] if "features" in gathered[0] else None
         return EvalResult(
             epoch=self.epoch,
             prompts=[p.text for p in prompts],
-            scores=torch.tensor([scores[j] for j in rank_of]),
-            parts={k: torch.tensor([v[j] for j in rank_of]) for k, v in parts.items()},
-            showcase=torch.stack([pictures[i] for i in showcase]) if showcase else None,
+            scores=ordered([g["scores"] for g in gathered]),
+            parts={k: ordered([g["parts"][k] for g in gathered]) for k in gathered[0]["parts"]},
+            showcase=images[showcase] if showcase else None,
             showcase_index=showcase,
+            held_out={h: ordered([g["held_out"][h] for g in gathered]) for h in self.eval_rewards},
+            held_out_parts={
+                h: {k: ordered([g["held_out_parts"][h][k] for g in gathered]) for k in gathered[0]["held_out_parts"][h]}
+                for h in self.eval_rewards
+            },
+            images=images,
+            features=features,
         )
 
     # ------------------------------------------------------------------ the run
@@ -609,6 +708,7 @@ class Runner:
         evaluate = bool(self.eval_datasets) and t.eval_every > 0
         # the first evaluation, kept in the run directory: a resumed run still compares against it
         self.first_eval = load_first(self.run_dir) if checkpoint is not None else None
+        self.base_images = load_records(self.run_dir, BASE_FILE) if checkpoint is not None else {}
         if evaluate and self.epoch == 0:
             self._log(self.evaluate())
         while self.epoch < t.epochs:

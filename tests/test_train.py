@@ -88,6 +88,9 @@ def _strip_perf(rows):
 
 
 def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
+    """Killed after a checkpoint and inside a backward pass, with a moving average of the weights
+    (trainer.ema_decay, which evaluation uses): weights, average and every metric match the run that
+    was never stopped, and the base images that drift is measured from are not made again."""
     common = [
         f"paths.output_root={tmp_path}",
         *FAST,
@@ -95,6 +98,7 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
         "trainer.checkpoint_every=2",
         "trainer.eval_every=3",
         "sampler.num_steps=6",
+        "trainer.ema_decay=0.8",
     ]
     full = run_cli([*common, "run_name=straight"], cache_dir)
     assert full.returncode == 0, full.stderr[-3000:]
@@ -125,13 +129,20 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     assert max(row["epoch"] for row in read_metrics(tmp_path / "in_backward")) == 2  # epoch 3 never finished
 
     for name in ("killed", "in_backward"):
+        base = tmp_path / name / "eval" / "base.pt"
+        made = base.stat().st_mtime_ns
         resumed = run_cli([*common, f"run_name={name}", "resume=auto"], cache_dir)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resumed from" in resumed.stdout
-        a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00006" / "trainable.safetensors")
-        b = load_file(tmp_path / name / "checkpoints" / "epoch_00006" / "trainable.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+        assert base.stat().st_mtime_ns == made, "resume made the base images again"
+        for file in ("trainable.safetensors", "ema.safetensors"):
+            a = load_file(tmp_path / "straight" / "checkpoints" / "epoch_00006" / file)
+            b = load_file(tmp_path / name / "checkpoints" / "epoch_00006" / file)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, file)
         assert _strip_perf(read_metrics(tmp_path / "straight")) == _strip_perf(read_metrics(tmp_path / name)), name
+    last = tmp_path / "straight" / "checkpoints" / "epoch_00006"
+    trained, average = load_file(last / "trainable.safetensors"), load_file(last / "ema.safetensors")
+    assert any(not torch.equal(trained[k], average[k]) for k in trained)  # the average is not the weights
     # the resumed run still compares its last evaluation with the first one, made before the kill
     summary = lambda out: [line for line in out.splitlines() if line.startswith("evaluation reward on")]  # noqa: E731
     assert summary(resumed.stdout) == summary(full.stdout) and "(epoch 0) -> " in summary(full.stdout)[0]

@@ -54,6 +54,14 @@ class Reward:
         """Move model weights (if any) to ``device``; rewards never pick a device themselves."""
         return self
 
+    gives_features: bool = False  # True when image_features() returns CLIP image embeddings
+
+    @torch.no_grad()
+    def image_features(self, images: Tensor) -> Tensor:
+        """[B, D] image embeddings of images [B, 3, H, W] in [0, 1] (a CLIP-based reward's image encoder),
+        for the evaluation's feature drift and diversity (rlft/evaluation.py)."""
+        raise NotImplementedError(f"{type(self).__name__} has no image encoder")
+
     @torch.no_grad()
     def __call__(self, images: Tensor, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> RewardOutput:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -87,6 +95,7 @@ class WeightedSum(Reward):
         }
         self.weights = dict(weights)
         self.gives_maps = all(r.gives_maps for r in self.rewards.values())
+        self.gives_features = any(r.gives_features for r in self.rewards.values())
 
     def check_prompts(self, prompts: Sequence[str], key: str = "dataset") -> None:
         for r in self.rewards.values():
@@ -100,6 +109,10 @@ class WeightedSum(Reward):
         for r in self.rewards.values():
             r.to(device)
         return self
+
+    def image_features(self, images: Tensor) -> Tensor:
+        """The first component's image encoder that has one."""
+        return next(r for r in self.rewards.values() if r.gives_features).image_features(images)
 
     def score(self, images, prompts, metadata) -> RewardOutput:
         total, total_map, components, parts = 0.0, 0.0, {}, {}

@@ -74,6 +74,20 @@ class _ClipReward(Reward):
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    gives_features = True
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        batches = [
+            self.embed(self.pixel_values(images[i : i + self.batch_size]))
+            for i in range(0, len(images), self.batch_size)
+        ]
+        return torch.cat(batches).float().cpu()
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The CLIP image embedding of processed pixels."""
+        raise NotImplementedError
+
 
 class PickScore(_ClipReward):
     """PickScore on one of two scales (``scale``):
@@ -109,10 +123,13 @@ class PickScore(_ClipReward):
     def modules(self) -> list[nn.Module]:
         return [self.model]
 
+    def embed(self, pixel_values):
+        return self.model.get_image_features(pixel_values=pixel_values).pooler_output
+
     def score_batch(self, images, prompts):
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         text = {k: v.to(self.device) for k, v in text.items()}
-        image_embeds = self.model.get_image_features(pixel_values=self.pixel_values(images)).pooler_output.float()
+        image_embeds = self.embed(self.pixel_values(images)).float()
         text_embeds = self.model.get_text_features(**text).pooler_output.float()
         cosine = torch.nn.functional.cosine_similarity(image_embeds, text_embeds, dim=-1)
         return cosine if self.scale == "cosine" else self.model.logit_scale.float().exp() * cosine
@@ -172,8 +189,11 @@ class Aesthetic(_ClipReward):
     def modules(self) -> list[nn.Module]:
         return [self.clip, self.mlp]
 
+    def embed(self, pixel_values):
+        return self.clip(pixel_values=pixel_values).image_embeds
+
     def score_batch(self, images, prompts):
-        embeds = self.clip(pixel_values=self.pixel_values(images)).image_embeds
+        embeds = self.embed(self.pixel_values(images))
         embeds = embeds / embeds.norm(dim=-1, keepdim=True)
         return self.mlp(embeds).squeeze(-1)
 
@@ -207,6 +227,15 @@ class ClipScore(Reward):
         model = load_pretrained(CLIPModel, path, "reward.path").eval().requires_grad_(False).to(getattr(torch, dtype))
         processor = load_pretrained(CLIPProcessor, path, "reward.path", backend="pil")
         self.metric = CLIPScore(model_name_or_path=lambda: (_FeaturesAsTensors(model), processor))
+        self.model, self.processor = model, processor
+
+    gives_features = True
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(device, self.model.dtype)
+        return self.model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
 
     def to(self, device) -> ClipScore:
         self.metric.to(device)

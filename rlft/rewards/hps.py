@@ -122,6 +122,16 @@ class HPSv2(Reward):
     def score(self, images, prompts, metadata) -> RewardOutput:
         return score_in_batches(self.score_batch, images, prompts, self.batch_size)
 
+    gives_features = True
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            pixels = torch.stack([self.preprocess(image) for image in to_pil(images[i : i + self.batch_size])])
+            out.append(self.model.encode_image(pixels.to(self.device, self.dtype)).float().cpu())
+        return torch.cat(out)
+
     def score_batch(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(image) for image in to_pil(images)]).to(self.device, self.dtype)
         tokens = self.tokenizer(prompts).to(self.device)

@@ -285,25 +285,35 @@ class ToyPrompts(PromptDataset):
 
     ``limit``: keep that many prompts, half single-object and half two-object, spread
     evenly over each (dataset=toy_small); ``None`` keeps the whole split (toy_large, toy_unseen).
-    Each prompt's metadata names its template and how many modifiers it has.
+    ``template``: keep only ``single`` (one object, a count or a place) or ``relation`` (two objects)
+    prompts, ``None`` both; with a ``limit``, that many spread over the one kind (toy_relations: the 16
+    relation prompts of toy_small). Each prompt's metadata names its template and how many modifiers it has.
     """
 
-    def __init__(self, split: str = "train", limit: int | None = None):
+    def __init__(self, split: str = "train", limit: int | None = None, template: str | None = None):
         if split not in ("train", "unseen", "all"):
             raise ConfigError("dataset.split", f"unknown toy split '{split}'", "use train, unseen or all")
+        if template not in (None, "single", "relation"):
+            raise ConfigError("dataset.template", f"unknown toy template '{template}'", "use single, relation or null")
         codes = split_codes(split)
+        if template is not None:
+            codes = codes[codes < N_SINGLE] if template == "single" else codes[codes >= N_SINGLE]
         if limit is not None:
             if limit < 2:
                 raise ConfigError("dataset.limit", f"must be at least 2, got {limit}", "or null for the whole split")
-            singles, relations = codes[codes < N_SINGLE], codes[codes >= N_SINGLE]
-            codes = np.concatenate(
-                [
-                    singles[spread_indices(len(singles), limit // 2)],
-                    relations[spread_indices(len(relations), limit - limit // 2)],
-                ]
-            )
+            if template is not None:
+                codes = codes[spread_indices(len(codes), limit)]
+            else:
+                singles, relations = codes[codes < N_SINGLE], codes[codes >= N_SINGLE]
+                codes = np.concatenate(
+                    [
+                        singles[spread_indices(len(singles), limit // 2)],
+                        relations[spread_indices(len(relations), limit - limit // 2)],
+                    ]
+                )
         self.codes = codes
-        self.name = f"toy_{split}" if limit is None else f"toy_{split}_{limit}"
+        kind = "" if template is None else f"_{template}"
+        self.name = f"toy_{split}{kind}" if limit is None else f"toy_{split}{kind}_{limit}"
 
     def __len__(self) -> int:
         return len(self.codes)
