@@ -44,6 +44,7 @@ KEYS = {  # what each printed figure is
     "epoch_train_backward_s": "    PRDP's backward pass through sum w log pi_theta",
     "train_images_per_s": "images per second through the update (every step of every sample)",
     "eval_s": "one evaluation: every evaluation set's images, rewards and sub-scores",
+    "eval_held_out_s": "  of which held-out rewards, image features, drift and diversity",
     "peak_memory_mb": "peak memory of the case (resident set on CPU, allocated on CUDA)",
 }
 
@@ -73,9 +74,10 @@ MODELS = {
             "reward=jpeg_compressibility",
             "dataset=simple_animals",
             "~dataset@eval_datasets.unseen",  # evaluate on the training prompts only
+            "+reward@eval_rewards.jpeg_incompressibility=jpeg_incompressibility",  # a held-out reward
         ],
     ),
-    "toy": ("a red circle left of a blue square", ["model=toy"]),
+    "toy": ("a red circle left of a blue square", ["model=toy"]),  # held out: toy_color (conf/held_out/)
 }
 
 
@@ -158,7 +160,8 @@ def bench_epoch(cache: Path, steps: int, out: Path, groups: list[str]) -> dict[s
         if key in m:
             out["epoch_train_" + key.split("_", 1)[1]] = m[key]
     if runner.eval_datasets:
-        out["eval_s"] = runner.evaluate()["perf/eval_s"]
+        m = runner.evaluate()
+        out["eval_s"], out["eval_held_out_s"] = m["perf/eval_s"], m["perf/eval_held_out_s"]
     return out
 
 

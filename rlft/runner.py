@@ -248,6 +248,7 @@ class Runner:
         self.executor = ThreadPoolExecutor(max_workers=1) if overlap else _InlineExecutor()
         self.epoch = 0  # completed epochs
         self._bar = None  # the training progress bar of the epoch being trained
+        self._held_out_s = 0.0  # the current evaluation's time in held-out rewards, drift and diversity
         self.first_eval: dict[str, EvalResult] | None = None  # the run's first evaluation (rlft/evaluation.py)
         self.base_images: dict[str, dict] = {}  # eval/base.pt: each set's first-evaluation images, made once
         self.eval_results: dict[str, EvalResult] = {}  # the latest one
@@ -606,10 +607,13 @@ class Runner:
         out: dict[str, float] = {"epoch": self.epoch}
         t0 = time.perf_counter()
         self.eval_results = {}
+        self._held_out_s = 0.0  # held-out rewards, image features, drift and diversity (perf/eval_held_out_s)
         for name, dataset in self.eval_datasets.items():
             with self.ema_weights():
                 result = self._evaluate_on(name, dataset)
+            t1 = time.perf_counter()
             measure_drift_and_diversity(result, self.base_images.get(name))
+            self._held_out_s += time.perf_counter() - t1
             self.eval_results[name] = result
             first = (self.first_eval or {}).get(name, result)
             if self.is_main:
@@ -633,6 +637,7 @@ class Runner:
         for result in self.eval_results.values():
             result.images = result.features = None  # kept on disk, not in memory
         out["perf/eval_s"] = time.perf_counter() - t0
+        out["perf/eval_held_out_s"] = self._held_out_s
         if self.first_eval is None:
             self.first_eval = self.eval_results
             if self.is_main:
@@ -657,6 +662,7 @@ class Runner:
             local["scores"] = rewards.scores.tolist()
             local["parts"] = {k: v.tolist() for k, v in rewards.parts.items()}
             texts, metas = [p.text for p in mine_prompts], [dict(p.metadata) for p in mine_prompts]
+            t0 = time.perf_counter()
             for held_name, held in self.eval_rewards.items():
                 scored = held(traj.images, texts, metas)
                 local["held_out"][held_name] = scored.scores.tolist()
@@ -664,6 +670,7 @@ class Runner:
             local["images"] = to_uint8(traj.images).cpu()
             if self.feature_reward is not None:  # from the saved (uint8) images, as drift compares them
                 local["features"] = self.feature_reward.image_features(local["images"].float() / 255).float().cpu()
+            self._held_out_s += time.perf_counter() - t0
         gathered = [g for g in _Comm(self.accelerator).gather_object([local]) if g["scores"]]  # a process may hold none
         order = [i for g in gathered for i in g["index"]]
         rank_of = sorted(range(len(order)), key=order.__getitem__)  # gathered position of image i

@@ -164,3 +164,54 @@ def test_multi_reward_is_10_pickscore_plus_2_hpsv2_plus_005_aesthetic(tiny_clip,
     node.rewards.hpsv2.path = str(tmp_path / "nope.pt")
     with pytest.raises(ConfigError, match=r"reward.rewards.hpsv2.path: HPS checkpoint .*nope.pt' does not exist"):
         build(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), "reward")
+
+
+def test_a_held_out_clip_reward_gives_the_feature_drift_and_diversity(tiny_clip, cache_dir, tmp_path):
+    """+reward@eval_rewards.pick=pickscore beside the training reward: its scores are logged per set,
+    and its image encoder measures drift (1 - cos to the base image) and diversity, as a hand computation
+    on the saved images gives them; the features are CLIP's projected image embeddings."""
+    from transformers import AutoImageProcessor, CLIPModel
+
+    from tests.conftest import FAST, read_metrics, run_cli
+
+    images = _images(seed=7)
+    reward = PickScore(path=str(tiny_clip), processor_path=str(tiny_clip), batch_size=2)
+    model = CLIPModel.from_pretrained(tiny_clip).eval()
+    pixels = AutoImageProcessor.from_pretrained(tiny_clip, backend="pil")(
+        images=[img for img in (images * 255).round().to(torch.uint8)], return_tensors="pt"
+    )["pixel_values"]
+    with torch.no_grad():
+        embeds = model.get_image_features(pixel_values=pixels).pooler_output
+    assert torch.allclose(reward.image_features(images), embeds, atol=1e-5)
+
+    args = [
+        f"paths.output_root={tmp_path}",
+        "run_name=pick",
+        *FAST,
+        "trainer.epochs=2",
+        "trainer.eval_every=2",
+        "trainer.eval_num_prompts=4",
+        "trainer.eval_images_per_prompt=3",
+        "optimizer.lr=1e-3",
+        "+reward@eval_rewards.pick=pickscore",
+        f"eval_rewards.pick.path={tiny_clip}",
+        f"eval_rewards.pick.processor_path={tiny_clip}",
+    ]
+    result = run_cli(args, cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = read_metrics(tmp_path / "pick")[-1]
+    base = torch.load(tmp_path / "pick" / "eval" / "base.pt", weights_only=True)["seen"]
+    now = torch.load(tmp_path / "pick" / "eval" / "latest.pt", weights_only=True)["seen"]
+    f0, f1 = reward.image_features(base["images"].float() / 255), reward.image_features(now["images"].float() / 255)
+    drift = 1 - torch.nn.functional.cosine_similarity(f1.double(), f0.double(), dim=-1)
+    assert last["eval/seen/drift/clip/mean"] > 0
+    assert abs(last["eval/seen/drift/clip/mean"] - float(drift.mean())) < 1e-5
+    diversity = []
+    for p in dict.fromkeys(now["prompts"]):
+        index = [i for i, q in enumerate(now["prompts"]) if q == p]
+        pairs = [(i, j) for i in index for j in index if i < j]
+        diversity.append(sum(1 - torch.cosine_similarity(f1[i].double(), f1[j].double(), dim=0) for i, j in pairs) / 3)
+    assert abs(last["eval/seen/diversity/clip/mean"] - float(sum(diversity) / 4)) < 1e-5
+    scores = reward(now["images"].float() / 255, now["prompts"], [{}] * len(now["prompts"])).scores
+    assert abs(last["eval/seen/pick/mean"] - float(scores.mean())) < 1e-3
+    assert "held-out rewards on seen (paired gain ± SE over prompts): pick " in result.stdout

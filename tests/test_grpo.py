@@ -126,7 +126,7 @@ def test_grpo_raises_the_toy_reward(cache_dir, tmp_path):
 
 
 def test_ddpo_with_kl_coef_is_grpos_kl_term_and_zero_is_ddpo_bit_for_bit(tiny_policy):
-    """algorithm.kl_coef (issue: controls on reward hacking): DDPO's KL term is GRPO's closed form, so with
+    """algorithm.kl_coef (a control on reward hacking): DDPO's KL term is GRPO's closed form, so with
     the same advantages DDPO(kl_coef=b) has GRPO(beta=b)'s gradients; kl_coef=0 is DDPO exactly."""
     grpo_grads, _, advantages = _gradients(tiny_policy, GRPO(clip_range=1e-3, beta=1.0, num_inner_epochs=2))
     kw = dict(estimator="ppo", clip_range=1e-3, num_inner_epochs=2, per_prompt_stat_tracking=False)

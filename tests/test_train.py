@@ -143,6 +143,10 @@ def test_resume_after_sigkill_is_exact(cache_dir, tmp_path):
     last = tmp_path / "straight" / "checkpoints" / "epoch_00006"
     trained, average = load_file(last / "trainable.safetensors"), load_file(last / "ema.safetensors")
     assert any(not torch.equal(trained[k], average[k]) for k in trained)  # the average is not the weights
+    from rlft.export import load_finetuned  # export takes the average: the weights the evaluations scored
+
+    exported = load_finetuned(tmp_path / "straight")[0].trainable_state_dict()
+    assert all(torch.equal(exported[k], average[k]) for k in average)
     # the resumed run still compares its last evaluation with the first one, made before the kill
     summary = lambda out: [line for line in out.splitlines() if line.startswith("evaluation reward on")]  # noqa: E731
     assert summary(resumed.stdout) == summary(full.stdout) and "(epoch 0) -> " in summary(full.stdout)[0]
