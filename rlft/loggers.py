@@ -65,6 +65,9 @@ class LocalLogger:
         captioned_grid(images, captions, self.images_per_row).save(path)
         return path
 
+    def log_figure(self, key: str, path: Path, step: int) -> None:
+        """A figure already written to ``path`` (in the run directory): W&B uploads it."""
+
     def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
         row = {"step": step, "key": key, "values": [round(float(v), 6) for v in values.flatten()]}
         with open(self.run_dir / "histograms.jsonl", "a") as f:
@@ -153,6 +156,11 @@ class WandbLogger(LocalLogger):
         path = super().log_images(key, images, captions, step)
         self.run.log({key: [wandb.Image(_to_pil(img), caption=cap) for img, cap in zip(images, captions)]}, step=step)
         return path
+
+    def log_figure(self, key: str, path: Path, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))}, step=step)
 
     def log_histogram(self, key: str, values: torch.Tensor, step: int) -> None:
         import wandb

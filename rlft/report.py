@@ -226,7 +226,7 @@ def markdown(summary: dict) -> str:
                 verdict = ""
                 if d["n"] >= 2 and not math.isnan(d["ci95"]):
                     verdict = " (inside the noise)" if abs(d["mean"]) <= d["ci95"] else " (resolved)"
-                cells.append(_cell(d) + (f", {d['n']} seeds" if d["n"] else "") + verdict)
+                cells.append(_cell(d) + (f", {d['n']} seeds" if d["n"] > 1 else "") + verdict)
             lines.append("| " + " | ".join(cells) + " |")
     lines += _hacking_markdown(summary)
     return "\n".join(lines) + "\n"
@@ -311,6 +311,43 @@ def _frontier(ax, runs_rows: list[list[dict]], x_key: str, y_key: str, label: st
         capsize=2,
         label=label,
     )
+
+
+FRONTIER_FILE = "frontier.png"
+
+
+def run_frontier(run: Path) -> Path | None:
+    """One run's hacking frontier, ``<run>/frontier.png``: per evaluation set, the training reward
+    against each held-out reward and against drift, one point per evaluation (epochs marked).
+    None when the run has neither."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(run)
+    sets, held = eval_sets(rows), held_out_rewards(rows)
+    panels = [(s, f"eval/{s}/{h}/mean") for s in sets for h in held]
+    panels += [(s, f"eval/{s}/drift/rmse/mean") for s in sets if series(rows, f"eval/{s}/drift/rmse/mean")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, (s, y_key) in zip(axes.flat, panels):
+        x_key = f"eval/{s}/reward/mean"
+        _frontier(ax, [rows], x_key, y_key, run.name)
+        for r in rows:
+            if r.get(x_key) is not None and r.get(y_key) is not None:
+                ax.annotate(
+                    str(r["epoch"]), (r[x_key], r[y_key]), fontsize=6, xytext=(2, 2), textcoords="offset points"
+                )
+        ax.set_title(f"{s}: {y_key.split('/', 2)[2].removesuffix('/mean')}", fontsize=9)
+        ax.set_xlabel("training reward")
+    fig.suptitle("hacking frontier: each point one evaluation (epoch marked)", fontsize=9)
+    fig.tight_layout()
+    out = run / FRONTIER_FILE
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out: Path) -> None:

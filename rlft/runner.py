@@ -752,6 +752,12 @@ class Runner:
         if grid is not None:
             grid.save(self.run_dir / BEFORE_AFTER_FILE)
             self._print(f"before/after images (same prompts and noise): {self.run_dir / BEFORE_AFTER_FILE}")
+        from rlft.report import run_frontier
+
+        frontier = run_frontier(self.run_dir)
+        if frontier is not None:
+            self.logger.log_figure("eval/frontier", frontier, step=self.epoch)
+            self._print(f"hacking frontier (training reward against held-out rewards and drift): {frontier}")
 
     def _log(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.is_main:

@@ -67,6 +67,7 @@ def test_a_hacked_reward_is_flagged_and_the_kl_penalty_holds_the_images_near_the
     held = [line for line in results[0].stdout.splitlines() if "held-out rewards on seen" in line]
     assert held and "toy_alignment 0.8" in held[0], results[0].stdout[-2000:]
 
+    assert (root / "free" / "frontier.png").exists() and "hacking frontier" in results[0].stdout
     md, _ = report(root)
     text = md.read_text()
     assert "**Flagged runs**" in text and "`algorithm.kl_coef=0.0` seed 0, seen at epoch 8" in text, text
