@@ -330,10 +330,12 @@ def validate(cfg: DictConfig) -> None:
             f"name each one: +reward@{EVAL_REWARDS}.pickscore=pickscore",
         )
     for name, node in (eval_rewards or {}).items():
-        if name in ("reward", "drift", "diversity"):
+        from rlft.evaluation import RESERVED_NAMES
+
+        if name in RESERVED_NAMES or name.startswith(("drift_", "diversity_")):
             raise ConfigError(
                 f"{EVAL_REWARDS}.{name}",
-                f"'{name}' names the training reward's, drift's or diversity's metrics",
+                f"'{name}' names the training reward's, drift's or diversity's metrics or table columns",
                 f"give the held-out reward another name: +reward@{EVAL_REWARDS}.<name>=<option>",
             )
         validate_component(f"{EVAL_REWARDS}.{name}", node)

@@ -49,7 +49,7 @@ FIRST_FILE = Path("eval") / "first.pt"
 BASE_FILE = Path("eval") / "base.pt"
 LATEST_FILE = Path("eval") / "latest.pt"
 # names an eval_rewards entry cannot take: they are the keys of the training reward, drift and diversity
-RESERVED_NAMES = ("reward", "drift", "diversity")
+RESERVED_NAMES = ("reward", "drift", "diversity", "prompt")
 BEFORE_AFTER_FILE = "before_after.png"
 
 
@@ -69,6 +69,7 @@ class EvalResult:
     diversity: dict[str, torch.Tensor] = field(default_factory=dict)  # "rmse" / "clip" -> [N]
     images: torch.Tensor | None = None  # all N images, uint8 (not kept in first.pt: base.pt has them)
     features: torch.Tensor | None = None  # [N, D] CLIP image features, where a reward gives them
+    eval_seed: int | None = None  # the noise's seed: evaluations pair image by image only under the same one
 
     def families(self) -> dict[str, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Every scored quantity by its metric prefix: the reward, each held-out reward (with their
@@ -92,13 +93,25 @@ class EvalResult:
                     out[key + "mean"] = mean
                 if not math.isnan(se):  # one prompt has no standard error
                     out[key + "se"] = se
-        if first is not None and first.prompts == self.prompts and len(set(self.prompts)) > 1:
+        if self.pairs_with(first) and len(set(self.prompts)) > 1:
             before = first.families()
             for family in ["reward", *self.held_out]:
-                if family in before:
+                if family not in before:
+                    continue
+                try:
                     g = paired_gain(before[family][0].tolist(), self.families()[family][0].tolist(), self.prompts)
-                    out[f"eval/{name}/{family}/gain"], out[f"eval/{name}/{family}/gain_se"] = g.gain, g.se
+                except ValueError:  # fewer than two prompts with values on both sides
+                    continue
+                out[f"eval/{name}/{family}/gain"], out[f"eval/{name}/{family}/gain_se"] = g.gain, g.se
         return out
+
+    def pairs_with(self, other: EvalResult | None) -> bool:
+        """Whether ``other`` scored the same prompts with the same noise (its images pair with these)."""
+        return (
+            other is not None
+            and other.prompts == self.prompts
+            and (other.eval_seed is None or self.eval_seed is None or other.eval_seed == self.eval_seed)
+        )
 
     def captions(self) -> list[str]:
         return [f"epoch {self.epoch} r={float(self.scores[i]):.2f} | {self.prompts[i]}" for i in self.showcase_index]
@@ -123,12 +136,18 @@ class EvalResult:
             "held_out_parts": self.held_out_parts,
             "drift": self.drift,
             "diversity": self.diversity,
+            "eval_seed": self.eval_seed,
         }
 
 
-def rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-image RMSE of uint8 images [N, 3, H, W] (pixels read as [0, 1]): sqrt(mean_{c,h,w} (a - b)^2)."""
-    return (a.double() / 255 - b.double() / 255).pow(2).flatten(1).mean(1).sqrt().float()
+def rmse(a: torch.Tensor, b: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+    """Per-image RMSE of uint8 images [N, 3, H, W] (pixels read as [0, 1]): sqrt(mean_{c,h,w} (a - b)^2),
+    ``chunk`` images at a time (float64 copies of a whole evaluation of large images would not fit)."""
+    out = [
+        (a[i : i + chunk].double() - b[i : i + chunk].double()).div(255).pow(2).flatten(1).mean(1).sqrt()
+        for i in range(0, len(a), chunk)
+    ]
+    return torch.cat(out).float() if out else torch.zeros(0)
 
 
 def cosine_distance(f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -153,8 +172,9 @@ def mean_distance_to_others(prompts: list[str], distance, n: int) -> torch.Tenso
     return out
 
 
-def measure_drift_and_diversity(result: EvalResult, base: dict | None) -> None:
-    """Fill ``result.drift`` (from ``base``'s images of the same prompts) and ``result.diversity``."""
+def measure_drift_and_diversity(result: EvalResult, base: dict | None, feature_source: str | None = None) -> None:
+    """Fill ``result.drift`` (from ``base``'s images of the same prompts and noise) and ``result.diversity``;
+    the feature drift only when ``base``'s features come from the same encoder (``feature_source``)."""
     images, features, n = result.images, result.features, len(result.prompts)
     if images is None:
         return
@@ -165,14 +185,26 @@ def measure_drift_and_diversity(result: EvalResult, base: dict | None) -> None:
         )
     if base is None or base["prompts"] != result.prompts or base["images"].shape != images.shape:
         return
+    if base.get("eval_seed") is not None and result.eval_seed is not None and base["eval_seed"] != result.eval_seed:
+        return  # other noise: the images do not pair
     result.drift["rmse"] = rmse(images, base["images"])
-    if features is not None and base.get("features") is not None and base["features"].shape == features.shape:
-        result.drift["clip"] = cosine_distance(features, base["features"])
+    same_encoder = base.get("feature_source") == feature_source
+    if features is not None and base.get("features") is not None and same_encoder:
+        if base["features"].shape == features.shape:
+            result.drift["clip"] = cosine_distance(features, base["features"])
 
 
-def base_record(result: EvalResult) -> dict:
-    """What eval/base.pt keeps of an evaluation set: its epoch, prompts, images and features."""
-    return {"epoch": result.epoch, "prompts": result.prompts, "images": result.images, "features": result.features}
+def base_record(result: EvalResult, feature_source: str | None = None) -> dict:
+    """What eval/base.pt keeps of an evaluation set: its epoch, noise seed, prompts, images and features
+    (and which encoder made them)."""
+    return {
+        "epoch": result.epoch,
+        "eval_seed": result.eval_seed,
+        "prompts": result.prompts,
+        "images": result.images,
+        "features": result.features,
+        "feature_source": feature_source,
+    }
 
 
 def save_records(run_dir: Path, path: Path, records: dict[str, dict]) -> None:
@@ -228,8 +260,8 @@ def gain_lines(name: str, dataset_name: str, first: EvalResult, last: EvalResult
         f"evaluation reward on {name} ({dataset_name}): {float(first.scores.mean()):.4f} (epoch {first.epoch}) -> "
         f"{float(last.scores.mean()):.4f} (epoch {last.epoch})"
     )
-    if len(first.scores) != len(last.scores) or first.prompts != last.prompts:
-        return [head + "; the evaluation prompts changed, no paired gain"]
+    if len(first.scores) != len(last.scores) or not last.pairs_with(first):
+        return [head + "; the evaluation prompts or noise changed, no paired gain"]
     if len(set(first.prompts)) < 2:
         return [head]
     lines = [f"{head}; {paired_gain(first.scores.tolist(), last.scores.tolist(), first.prompts)}"]
@@ -248,7 +280,10 @@ def gain_lines(name: str, dataset_name: str, first: EvalResult, last: EvalResult
     held = []
     for h, before in first.held_out.items():
         if h in last.held_out:
-            g = paired_gain(before.tolist(), last.held_out[h].tolist(), first.prompts)
+            try:
+                g = paired_gain(before.tolist(), last.held_out[h].tolist(), first.prompts)
+            except ValueError:  # applies to fewer than two prompts
+                continue
             held.append(f"{h} {g.before:.4f} -> {g.before + g.gain:.4f} ({g.gain:+.4f} ± {g.se:.4f}, {g.z:+.1f} SE)")
     if held:
         lines.append(f"  held-out rewards on {name} (paired gain ± SE over prompts): " + ", ".join(held))

@@ -361,6 +361,7 @@ def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out:
     parts = list(dict.fromkeys(p for rows in all_rows for p in sub_scores(rows)))
     train = [k for k in TRAIN_PANELS if any(series(rows, k) for rows in all_rows)]
     panels = [("eval", s) for s in sets] + [("train_reward", None)] + [("train", k) for k in train]
+    first_part = len(panels)
     panels += [("part", p) for p in parts]
     held = list(dict.fromkeys(h for rows in all_rows for h in held_out_rewards(rows)))
     panels += [("frontier", (s, f"eval/{s}/{h}/mean")) for s in sets for h in held]
@@ -402,7 +403,7 @@ def plot(groups: dict[str, list[Run]], samples_per_epoch: dict[str, float], out:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     if parts:
-        axes.flat[len(panels) - len(parts)].legend(fontsize=6)
+        axes.flat[first_part].legend(fontsize=6)
     fig.suptitle("mean over seeds, 95% confidence interval shaded", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

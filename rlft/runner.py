@@ -63,6 +63,7 @@ RESUME_IGNORED_KEYS = (
     "trainer.epochs",
     "trainer.eval_",  # evaluation never feeds training: its sets, sizes, seed and schedule may change
     "eval_datasets",
+    "eval_rewards",  # held-out rewards are scored, never trained on
     "trainer.checkpoint_every",
     "trainer.keep_checkpoints",
     "trainer.progress_bar",
@@ -612,7 +613,7 @@ class Runner:
             with self.ema_weights():
                 result = self._evaluate_on(name, dataset)
             t1 = time.perf_counter()
-            measure_drift_and_diversity(result, self.base_images.get(name))
+            measure_drift_and_diversity(result, self.base_images.get(name), self._feature_source())
             self._held_out_s += time.perf_counter() - t1
             self.eval_results[name] = result
             first = (self.first_eval or {}).get(name, result)
@@ -625,7 +626,11 @@ class Runner:
             out.update(result.metrics(name, first if first is not result else None))
         means = [out[f"eval/{name}/reward/mean"] for name in self.eval_datasets]
         out["eval/reward/mean"] = sum(means) / len(means)
-        new_base = {n: base_record(r) for n, r in self.eval_results.items() if n not in self.base_images}
+        # made once, at the run's first evaluation (epoch 0, the base model): a set added later has no drift
+        new_base = {}
+        if self.epoch == 0:
+            source = self._feature_source()
+            new_base = {n: base_record(r, source) for n, r in self.eval_results.items() if n not in self.base_images}
         if self.is_main:
             if new_base:  # made once per set: a resumed run measures drift from the same images
                 save_records(self.run_dir, BASE_FILE, {**self.base_images, **new_base})
@@ -643,6 +648,12 @@ class Runner:
             if self.is_main:
                 save_first(self.run_dir, self.eval_results)
         return out
+
+    def _feature_source(self) -> str | None:
+        """Which reward's image encoder gives the CLIP features (drift compares only features of one encoder)."""
+        if self.feature_reward is None:
+            return None
+        return f"{type(self.feature_reward).__module__}.{type(self.feature_reward).__qualname__}"
 
     def _evaluate_on(self, name: str, dataset: PromptDataset) -> EvalResult:
         """All processes' scores on ``trainer.eval_num_prompts`` prompts x ``eval_images_per_prompt`` seeds
@@ -695,6 +706,7 @@ class Runner:
             },
             images=images,
             features=features,
+            eval_seed=t.eval_seed,
         )
 
     # ------------------------------------------------------------------ the run

@@ -62,7 +62,12 @@ def test_root_config_and_batch_comment():
     assert cfg.algorithm._target_ == "rlft.algorithms.prdp.PRDP"  # the default demo is PRDP
     assert cfg.model.path.endswith("rlft/toy/weights") and cfg.eval_datasets.unseen.split == "unseen"
     assert cfg.eval_datasets.seen == cfg.dataset  # the training prompts, evaluated as PRDP's "seen" set
-    assert cfg.optimizer.lr == 3e-5 and cfg.algorithm.beta == 0.3  # conf/tuning/toy_prdp.yaml applies
+    assert cfg.algorithm.beta == 0.3  # conf/tuning/toy_prdp.yaml applies, then the recipe of the demo's prompts:
+    assert cfg.optimizer.lr == 1e-4 and list(cfg.sampler.stochastic_window) == [
+        0,
+        3,
+    ]  # recipe/toy_toy_relations_prdp.yaml
+    assert _compose(["experiment=toy_small"]).optimizer.lr == 3e-5  # no recipe for toy_small: the tuning's lr
     assert _compose(["algorithm=ddpo"]).optimizer.lr == 1e-4  # conf/tuning/toy_ddpo.yaml
     assert _compose(["model=sd14"]).optimizer.lr == 3e-4  # no tuning file: the algorithm's paper default
 

@@ -111,7 +111,13 @@ def test_grpo_raises_the_toy_reward(cache_dir, tmp_path):
     beta 1e-3, one optimizer step per epoch): the seen-prompt evaluation reward (2 prompts x 8 seeds) rises
     from epoch 0 to epoch 12. Measured when written: 0.3307 -> 0.3780 (+0.047 ± 0.014), the training reward
     0.331 -> 0.369, mean of the last 3 epochs 0.026 above the first 3 (beta 0: +0.092; beta 0.01: +0.0005)."""
-    args = [f"paths.output_root={tmp_path}", "algorithm=grpo", "reward=toy_color", "dataset.limit=2"]
+    args = [
+        f"paths.output_root={tmp_path}",
+        "algorithm=grpo",
+        "reward=toy_color",
+        "dataset=toy_small",
+        "dataset.limit=2",
+    ]
     args += ["trainer.prompts_per_epoch=2", "trainer.images_per_prompt=16", "trainer.train_batch_size=8"]
     args += ["trainer.epochs=12", "trainer.eval_every=12", "trainer.eval_num_prompts=2", "run_name=grpo"]
     args += ["trainer.eval_images_per_prompt=8", "~dataset@eval_datasets.unseen", "trainer.log_images=0"]

@@ -286,6 +286,7 @@ def test_ddpo_on_toy_small_end_to_end(cache_dir, tmp_path):
             f"paths.output_root={tmp_path}",
             "run_name=toy",
             "algorithm=ddpo",
+            "dataset=toy_small",
             "~dataset@eval_datasets.unseen",  # eval_datasets.seen: toy_small itself
             "trainer.epochs=4",
             "trainer.eval_every=4",
@@ -309,25 +310,24 @@ def test_ddpo_on_toy_small_end_to_end(cache_dir, tmp_path):
     assert "sub-scores on seen" in result.stdout and (tmp_path / "toy" / "before_after.png").exists()
 
 
-def test_prdp_default_demo_end_to_end(cache_dir, tmp_path):
-    """`python -m rlft` is PRDP on the toy world: a short fixed-seed run of it with the default evaluation
-    (toy_small's 32 prompts and 128 stratified unseen prompts, x 2 seeds), every epoch's pairs used.
-
-    No gain is asserted, because none is resolved: the whole 24-epoch default run moves eval/seen by
-    -0.0013 +- 0.0136 and eval/unseen by +0.0000 +- 0.0071 (paired standard errors over prompts)."""
-    result = run_cli(
-        [f"paths.output_root={tmp_path}", "run_name=toy", "trainer.epochs=6", "trainer.eval_every=6"], cache_dir
-    )
+def test_the_default_demo_learns_its_relations(cache_dir, tmp_path):
+    """`python -m rlft` (`make demo`) is PRDP learning the relations of 8 two-object toy prompts in 48
+    epochs: the whole default run, fixed seed, evaluated on its 8 prompts x 4 seeds (the held-out
+    relation set is dropped here to save time; evaluation never feeds training). Measured: +0.1771 ±
+    0.0273 (6.5 SE, all 8 prompts improved; relation sub-score 0.28 -> 0.78); the bounds leave margin."""
+    result = run_cli([f"paths.output_root={tmp_path}", "run_name=demo", "~dataset@eval_datasets.unseen"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    run = tmp_path / "toy"
+    run = tmp_path / "demo"
     evals = [r for r in read_metrics(run) if "eval/reward/mean" in r]
-    assert [r["epoch"] for r in evals] == [0, 6]
-    for name, prompts in (("seen", 32), ("unseen", 128)):
-        gain = eval_gain(run, name, 0, 6)
-        before, after = (r[f"eval/{name}/reward/mean"] for r in evals)
-        assert gain.n == prompts and abs(gain.gain - (after - before)) < 1e-5, (name, gain, before, after)
-        assert f"evaluation reward on {name} " in result.stdout and str(gain) in result.stdout
-        assert f"sub-scores on {name}" in result.stdout
+    assert [r["epoch"] for r in evals] == [0, 24, 48]
+    gain = eval_gain(run, "seen", 0, 48)
+    assert gain.n == 8 and gain.z > 3.0 and gain.improved > 0.5, gain
+    before, after = evals[0]["eval/seen/reward/mean"], evals[-1]["eval/seen/reward/mean"]
+    assert abs(gain.gain - (after - before)) < 1e-5
+    assert f"evaluation reward on seen (toy_train_relation_8): {before:.4f} (epoch 0)" in result.stdout
+    assert str(gain) in result.stdout and "sub-scores on seen" in result.stdout
+    assert "held-out rewards on seen (paired gain ± SE over prompts): toy_color" in result.stdout
+    assert evals[-1]["eval/seen/reward/relation/mean"] > evals[0]["eval/seen/reward/relation/mean"] + 0.2
     assert (run / "before_after.png").exists() and (run / "eval" / "first.pt").exists()
     train = [r for r in read_metrics(run) if "train/prdp_pairs" in r]
-    assert len(train) == 6 and all(r["train/prdp_pairs"] > 0 for r in train)
+    assert len(train) == 48 and all(r["train/prdp_pairs"] > 0 for r in train)

@@ -232,10 +232,12 @@ class ClipScore(Reward):
     gives_features = True
 
     @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        device = next(self.model.parameters()).device
-        pixels = self.processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(device, self.model.dtype)
-        return self.model.get_image_features(pixel_values=pixels).pooler_output.float().cpu()
+    def image_features(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        device, out = next(self.model.parameters()).device, []
+        for i in range(0, len(images), batch_size):
+            pixels = self.processor(images=to_pil(images[i : i + batch_size]), return_tensors="pt")["pixel_values"]
+            out.append(self.model.get_image_features(pixel_values=pixels.to(device, self.model.dtype)).pooler_output)
+        return torch.cat(out).float().cpu()
 
     def to(self, device) -> ClipScore:
         self.metric.to(device)
