@@ -763,6 +763,7 @@ class Runner:
         grid = before_after_grid(pairs)
         if grid is not None:
             grid.save(self.run_dir / BEFORE_AFTER_FILE)
+            self.logger.log_figure("eval/before_after", self.run_dir / BEFORE_AFTER_FILE, step=self.epoch)
             self._print(f"before/after images (same prompts and noise): {self.run_dir / BEFORE_AFTER_FILE}")
         from rlft.report import run_frontier
 

@@ -42,6 +42,7 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
             "trainer.epochs=8",
             "trainer.eval_every=8",
             "logger=wandb",
+            "+reward@eval_rewards.toy_color=toy_color",  # a held-out reward: its column, the frontier
         ],
         cache_dir,
     )
@@ -74,7 +75,14 @@ def test_ddpo_raises_jpeg_compressibility(cache_dir, tmp_path):
     assert len(table) == 16 * 2 and abs(sum(float(r["reward"]) for r in table) / 32 - seen) < 1e-4
     assert {r["prompt"] for r in table} <= set(PackagedPrompts("simple_animals").prompts)
     wandb_table = next((run / "wandb").glob("offline-run-*/files/media/table/eval/seen/table_8_*.table.json"))
-    assert len(json.loads(wandb_table.read_text())["data"]) == 32
+    wandb_json = json.loads(wandb_table.read_text())
+    assert len(wandb_json["data"]) == 32
+    # W&B gets what the run directory gets: the held-out reward and drift per image, the hacking
+    # frontier and the before/after grid
+    assert {"reward", "toy_color", "drift_rmse", "diversity_rmse"} <= set(wandb_json["columns"]), wandb_json["columns"]
+    assert list(table[0]) == wandb_json["columns"]
+    media = next((run / "wandb").glob("offline-run-*/files/media/images/eval"))
+    assert any(media.glob("frontier_8_*.png")) and any(media.glob("before_after_8_*.png")), sorted(media.iterdir())
     # the last line says where everything is; the run directory keeps the console's lines
     last = [line for line in result.stdout.splitlines() if line.strip()][-1]
     assert last.startswith(f"results: metrics {run / 'metrics.jsonl'}; training images {run / 'samples'}")
