@@ -264,7 +264,7 @@ def _hacking_markdown(summary: dict) -> list[str]:
     flags = summary.get("flags", [])
     if flags:
         lines.append(
-            "\n**Flagged runs** (training reward rose while a held-out reward fell beyond its 95% interval):\n"
+            "\n**Flagged runs** (training reward rose and a held-out reward fell, each beyond its 95% interval):\n"
         )
         for f in flags:
             lines.append(

@@ -127,6 +127,11 @@ def test_grpo_raises_the_toy_reward(cache_dir, tmp_path):
     rows = [r for r in read_metrics(tmp_path / "grpo") if "eval/seen/reward/mean" in r]
     before, after = rows[0]["eval/seen/reward/mean"], rows[-1]["eval/seen/reward/mean"]
     assert after > before + 0.015, (before, after)
+    # trained on toy_color, the toy world holds out toy_alignment and its sub-scores (conf/held_out/)
+    for key in ("toy_alignment", "toy_alignment/background", "toy_alignment/color", "toy_alignment/shape"):
+        assert all(0.0 <= r[f"eval/seen/{key}/mean"] <= 1.0 for r in rows), key
+    assert "eval/seen/toy_alignment/gain" in rows[-1] and "eval/seen/toy_color/mean" not in rows[-1]
+    assert "held-out rewards on seen (paired gain ± SE over prompts): toy_alignment" in result.stdout
     train = [r["reward/mean"] for r in read_metrics(tmp_path / "grpo") if "train/loss" in r]
     assert sum(train[-3:]) / 3 > sum(train[:3]) / 3 + 0.008, train
 
