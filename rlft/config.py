@@ -222,8 +222,9 @@ def build(node: DictConfig, group: str, home: str | None = None):
         raise ConfigError(group, f"cannot build {node.get('_target_')}: {detail.strip().splitlines()[0]}") from None
 
 
-def validate_component(group: str, node: DictConfig) -> None:
-    """Check one ``_target_`` node against its target's signature; raise ConfigError naming the key."""
+def validate_component(group: str, node: DictConfig, training: bool = True) -> None:
+    """Check one ``_target_`` node against its target's signature; raise ConfigError naming the key.
+    ``training``: the node is for a training run (a sampler for evaluation only is refused)."""
     if node is None:
         return
     if not isinstance(node, DictConfig):
@@ -243,6 +244,10 @@ def validate_component(group: str, node: DictConfig) -> None:
         target = get_object(target_path)
     except Exception as exc:  # ImportError, AttributeError
         raise ConfigError(f"{group}._target_", f"cannot import '{target_path}': {exc}") from None
+    if (
+        training and group == "sampler" and getattr(target, "untrainable", None)
+    ):  # before its keys: the sampler is the error
+        raise ConfigError("sampler", f"{target.__name__} is for evaluation and export only", target.untrainable)
     schema, choices = signature_schema(target)
     try:
         plain = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)

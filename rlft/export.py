@@ -91,7 +91,7 @@ def build_sampler(settings: dict, scheduler_config):
     from rlft.config import build, validate_component
 
     node = OmegaConf.create(settings)
-    validate_component("sampler", node)
+    validate_component("sampler", node, training=False)
     return build(node, "sampler").setup(scheduler_config)
 
 

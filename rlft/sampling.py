@@ -238,6 +238,8 @@ class Sampler:
     """
 
     refused_options: dict[str, str] = {}
+    flow_matching = False  # the family samples rectified-flow models (FlowMatch* schedulers), else diffusion models
+    untrainable: str | None = None  # why no step of this family can be trained on (a sampler for evaluation only)
 
     def __init__(
         self, num_steps: int = 50, guidance_scale: float = 5.0, batch_size: int = 8, negative_prompt: str = "",
@@ -291,6 +293,10 @@ class Sampler:
         ``variance_noise``, or ``prev_sample`` as given), its element-wise log-density, mean and std."""
         raise NotImplementedError
 
+    def set_timesteps(self) -> None:
+        """The scheduler's ``num_steps`` inference timesteps (a family may pass more, e.g. a flow shift's mu)."""
+        self.scheduler.set_timesteps(self.num_steps)
+
     def settings(self) -> dict:
         """The component's config (``_target_`` and its values), e.g. for an exported model's record."""
         names = [p for p in inspect.signature(type(self)).parameters if p != "self"]
@@ -300,8 +306,14 @@ class Sampler:
     # ------------------------------------------------------------------ shared
     def setup(self, scheduler_config) -> Sampler:
         """Build the scheduler and its timesteps; mark the deterministic steps (not trained on)."""
+        name = dict(scheduler_config).get("_class_name") or ""
+        if name and name.startswith("FlowMatch") != self.flow_matching:
+            kind, other = ("diffusion", "sampler=ddim or sampler=ddpm") if self.flow_matching else (
+                "rectified-flow", "sampler=flow_sde (sampler=flow_ode to evaluate)")  # fmt: skip
+            what = f"its scheduler {name} makes it a {kind} model"
+            raise ConfigError("sampler", f"{type(self).__name__} cannot sample this model: {what}", f"use {other}")
         self.scheduler = self.make_scheduler(scheduler_config)
-        self.scheduler.set_timesteps(self.num_steps)
+        self.set_timesteps()
         self.timesteps = self.scheduler.timesteps.clone()  # [S]
         probe = torch.zeros(self.num_steps, 1, 1, 1)
         stds = self.step_with_log_prob(probe, self.timesteps, probe, variance_noise=probe).std
@@ -340,7 +352,7 @@ class Sampler:
             raise ValueError(f"noise of shape {tuple(noise.shape)}; expected {(b, S + 1, *shape)}")
         device = cond.device
         noise = noise.to(device, compute_dtype(*cond.inputs.values()))  # fp32, or fp64 for a float64 model
-        x = noise[:, 0] * self.scheduler.init_noise_sigma
+        x = noise[:, 0] * getattr(self.scheduler, "init_noise_sigma", 1.0)  # flow schedulers start at N(0, I)
         latents, log_probs = [x], []
         for j, t in enumerate(self.timesteps):
             check_interrupted()

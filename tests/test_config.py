@@ -154,6 +154,13 @@ BAD_INPUTS = [
     (["trainer.train_batch_size=3"], ["trainer.train_batch_size: 3 does not divide the 32 samples"], 2),
     (["sampler.eta=0"], ["sampler.eta"], 2),
     (["sampler=ddpm", "+sampler.eta=0.5"], ["sampler.eta: is not an option of rlft.sampling.DDPM", "sampler=ddim"], 2),
+    (["sampler=flow_ode"], ["sampler: FlowODE is for evaluation and export only", "train with sampler=flow_sde"], 2),
+    (["sampler=flow_sde", "sampler.kind=ode"], ["sampler.kind: 'ode' is not one of ['sde', 'cps']"], 2),
+    (
+        ["sampler=flow_sde"],  # the toy model is a diffusion model (DDIM scheduler)
+        ["sampler: FlowSDE cannot sample this model: its scheduler DDIMScheduler", "use sampler=ddim or sampler=ddpm"],
+        2,
+    ),
     (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
     (
         ["model.path=/nonexistent/sd", "model.builder=null"],
