@@ -97,30 +97,17 @@ def build_sampler(settings: dict, scheduler_config):
 
 def export(source: Path, out: Path, base: str | None = None) -> Path:
     """Write the finetuned model of ``source`` (run or checkpoint) to ``out``; returns ``out``."""
-    from rlft.models import save_pipeline
-
     policy, cfg, checkpoint = load_finetuned(source, base)
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise RlftError(f"{out} exists and is not empty; choose a new output directory")
     out.mkdir(parents=True, exist_ok=True)
     scheduler = build_sampler(sampler_settings(cfg.sampler), policy.scheduler_config).scheduler
-    if policy.finetune == "lora":
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft import get_peft_model_state_dict
-
-        unet = policy.unet
-        config = unet.peft_config["default"]
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
-        kind = "lora"
-    else:
-        save_pipeline(out, policy.tokenizer, policy.text_encoder, policy.unet, policy.vae, scheduler)
-        kind = "full"
+    kind = policy.save_export(out, scheduler)
     info = {
         "kind": kind,
+        "pipeline": policy.pipeline_class,
+        "model_settings": policy.drawing_settings(),  # e.g. SD3's resolution and T5 tokens
         "base_model": str(cfg.model.path),
         "checkpoint": str(checkpoint.resolve()),
         "seed": cfg.seed,
@@ -146,11 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     except RlftError as e:
         print(f"rlft.export: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    kind = json.loads((out / EXPORT_FILE).read_text())["kind"]
-    if kind == "lora":
+    info = json.loads((out / EXPORT_FILE).read_text())
+    if info["kind"] == "lora":
         print(f"LoRA adapter written to {out / LORA_FILE}; load it with pipe.load_lora_weights({str(out)!r})")
     else:
-        print(f"pipeline written to {out}; load it with StableDiffusionPipeline.from_pretrained({str(out)!r})")
+        print(f"pipeline written to {out}; load it with {info['pipeline']}.from_pretrained({str(out)!r})")
 
 
 if __name__ == "__main__":

@@ -63,14 +63,20 @@ class DiffusionPolicy:
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval()
         self.scheduler_config = scheduler_config
+        self._make_trainable(unet, finetune, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def _make_trainable(self, denoiser, finetune, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing):
+        """The denoiser trains as LoRA adapters (peft) or whole; it is ``self.unet`` whatever its family
+        (the runner prepares, checkpoints and averages ``policy.unet``)."""
         self.finetune = finetune
-        self.unet = unet
+        self.unet = denoiser
         self._reference_unet = None
         if finetune == "lora":
             from peft import LoraConfig
 
-            unet.requires_grad_(False)
-            unet.add_adapter(
+            denoiser.requires_grad_(False)
+            denoiser.add_adapter(
                 LoraConfig(
                     r=lora_rank,
                     lora_alpha=lora_alpha,
@@ -79,10 +85,9 @@ class DiffusionPolicy:
                 )
             )
         else:
-            unet.requires_grad_(True)
+            denoiser.requires_grad_(True)
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+            denoiser.enable_gradient_checkpointing()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -98,36 +103,8 @@ class DiffusionPolicy:
         gradient_checkpointing: bool = False,
         builder: str | None = None,
     ) -> DiffusionPolicy:
-        """Load a pipeline from the hub or a local directory; its class is the one model_index.json names.
-
-        ``builder``: dotted path of a function ``f(path)`` that writes the pipeline
-        when ``path`` does not exist yet (used by ``model=tiny_random``).
-        """
-        from diffusers import DiffusionPipeline
-        from hydra.utils import get_object
-
-        if builder and not Path(path).exists():
-            build_atomically(get_object(builder), path)
-        local = Path(path).is_dir()
-        if not local and path.startswith((".", "/", "~")):
-            raise ConfigError("model.path", f"'{path}' does not exist", "set model.path to a diffusers directory")
-        try:
-            pipe = DiffusionPipeline.from_pretrained(
-                path,
-                revision=revision,
-                variant=variant,
-                safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=local or None,
-            )
-        except (OSError, ValueError, AttributeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(
-                "model.path",
-                f"cannot load a diffusers pipeline from '{path}': {first}",
-                "set model.path to a local directory with model_index.json, unet/, vae/, text_encoder/, "
-                "tokenizer/, scheduler/ (or a hub id when online)",
-            ) from None
+        """Load a pipeline from the hub or a local directory (:func:`load_pipeline`)."""
+        pipe = load_pipeline(path, revision, variant, builder)
         parts = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
         if any(getattr(pipe, name, None) is None for name in parts):
             raise ConfigError(
@@ -189,11 +166,15 @@ class DiffusionPolicy:
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(b)
         dtype = cond.dtype
         if guidance_scale == 1.0:
-            y = self.unet(x.to(dtype), t, **cond.inputs).sample
+            y = self.denoise(x.to(dtype), t, cond.inputs)
             return y.to(compute_dtype(y))
-        y = self.unet(torch.cat([x, x]).to(dtype), torch.cat([t, t]), **cond.guided()).sample
+        y = self.denoise(torch.cat([x, x]).to(dtype), torch.cat([t, t]), cond.guided())
         y_uncond, y_cond = y.to(compute_dtype(y)).chunk(2)
         return y_uncond + guidance_scale * (y_cond - y_uncond)
+
+    def denoise(self, x: Tensor, t: Tensor, inputs: dict[str, Tensor]) -> Tensor:
+        """One call of the denoiser on x_t, float timesteps t and the conditioning inputs  [b, C, h, w]."""
+        return self.unet(x, t, **inputs).sample
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -234,6 +215,48 @@ class DiffusionPolicy:
             return get_peft_model_state_dict(base)
         return base.state_dict()
 
+    # ------------------------------------------------------------------ leaving rlft
+    pipeline_class = "StableDiffusionPipeline"  # the diffusers class an export loads with
+
+    def drawing_settings(self) -> dict:
+        """The loading options besides the weights that change what the model draws (an export records
+        them, so that rlft.sample loads it the same way)."""
+        return {}
+
+    def _lora_layers(self) -> tuple[dict[str, Tensor], dict]:
+        """The adapter (peft's keys), and its rank, alpha and targets (the metadata diffusers reads)."""
+        from peft import get_peft_model_state_dict
+
+        base = _unwrap(self.unet)
+        config = base.peft_config["default"]
+        metadata = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
+        return get_peft_model_state_dict(base), metadata
+
+    def save_export(self, out: Path, scheduler) -> str:
+        """Write the finetuned model to ``out`` in diffusers' format: the LoRA adapter
+        (pytorch_lora_weights.safetensors), or the whole pipeline with ``scheduler``; returns the kind."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.finetune == "lora":
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            layers, metadata = self._lora_layers()  # the UNet's adapter in diffusers' own key layout
+            layers = convert_state_dict_to_diffusers(layers)
+            StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            return "lora"
+        save_pipeline(out, self.tokenizer, self.text_encoder, _unwrap(self.unet), self.vae, scheduler)
+        return "full"
+
+    def load_lora(self, directory: Path, weight_name: str, scheduler) -> None:
+        """Load an exported adapter into this (base, ``finetune=full``) policy's UNet, as diffusers does."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )  # fmt: skip
+        pipe.load_lora_weights(str(directory), weight_name=weight_name)
+
     def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
         base = _unwrap(self.unet)
         if self.finetune == "lora":
@@ -246,19 +269,68 @@ class DiffusionPolicy:
             base.load_state_dict(state)
 
 
-class _AdaptersOff(DiffusionPolicy):
-    """pi_ref of a LoRA policy: the same UNet with its adapters disabled around each prediction."""
+class _AdaptersOff:
+    """pi_ref of a LoRA policy (any family): the policy with its adapters disabled around each prediction."""
 
     def __init__(self, policy: DiffusionPolicy):
-        self.__dict__.update(policy.__dict__)
+        self._policy = policy
+
+    def __getattr__(self, name: str):
+        if name == "_policy":  # not set yet (a copy being built)
+            raise AttributeError(name)
+        return getattr(self._policy, name)
 
     def predict(self, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
-        base = _unwrap(self.unet)
+        base = _unwrap(self._policy.unet)
         base.disable_adapters()
         try:
-            return super().predict(x, t, cond, guidance_scale)
+            return self._policy.predict(x, t, cond, guidance_scale)
         finally:
             base.enable_adapters()
+
+
+def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, builder: str | None = None):
+    """A pipeline from the hub or a local directory; its class is the one model_index.json names.
+
+    ``builder``: dotted path of a function ``f(path)`` that writes the pipeline when ``path`` does not
+    exist yet (used by ``model=tiny_random`` and ``model=tiny_random_sd3``).
+    """
+    from diffusers import DiffusionPipeline
+    from hydra.utils import get_object
+
+    if builder and not Path(path).exists():
+        build_atomically(get_object(builder), path)
+    local = Path(path).is_dir()
+    if not local and path.startswith((".", "/", "~")):
+        raise ConfigError("model.path", f"'{path}' does not exist", "set model.path to a diffusers directory")
+    try:
+        return DiffusionPipeline.from_pretrained(
+            path,
+            revision=revision,
+            variant=variant,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=local or None,
+        )
+    except (OSError, ValueError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            "model.path",
+            f"cannot load a diffusers pipeline from '{path}': {first}",
+            "set model.path to a local directory with model_index.json and the pipeline's parts "
+            "(or a hub id when online)",
+        ) from None
+
+
+def policy_class(path: str) -> type:
+    """The policy family of a pipeline (its model_index.json's class): SD3Policy for Stable Diffusion 3,
+    else DiffusionPolicy."""
+    index = Path(path).expanduser() / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusion3"):
+        from rlft.sd3 import SD3Policy
+
+        return SD3Policy
+    return DiffusionPolicy
 
 
 def _unwrap(module):

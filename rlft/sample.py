@@ -48,36 +48,30 @@ def load_model(source: str):
     """(policy, settings): settings holds the sampler, seed and eval_seed the source was trained with."""
     from rlft.config import TrainerConfig
     from rlft.export import EXPORT_FILE, LORA_FILE, build_sampler, load_finetuned, sampler_settings
-    from rlft.models import DiffusionPolicy
+    from rlft.flow_sampling import FlowSDE
+    from rlft.models import policy_class
     from rlft.sampling import DDIM
 
     path = Path(source).expanduser()
     if path.is_dir() and _is_run(path):
         policy, cfg, _ = load_finetuned(path)
         return policy, {**sampler_settings(cfg.sampler), "seed": cfg.seed, "eval_seed": cfg.trainer.eval_seed}
-    settings = {**DDIM().settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     export = path / EXPORT_FILE
     if export.is_file():
         info = json.loads(export.read_text())
         settings = {**sampler_settings(info["sampler"]), "seed": info["seed"], "eval_seed": info["eval_seed"]}
+        drawing = info.get("model_settings", {})
         if info["kind"] == "lora":  # the base model with the adapter
-            from diffusers import StableDiffusionPipeline
-
-            policy = DiffusionPolicy.from_pretrained(info["base_model"], finetune="full")
-            pipe = StableDiffusionPipeline(
-                vae=policy.vae,
-                text_encoder=policy.text_encoder,
-                tokenizer=policy.tokenizer,
-                unet=policy.unet,
-                scheduler=build_sampler(_sampler_part(settings), policy.scheduler_config).scheduler,
-                safety_checker=None,
-                feature_extractor=None,
-                requires_safety_checker=False,
-            )
-            pipe.load_lora_weights(str(path), weight_name=LORA_FILE)  # into policy.unet
+            policy = policy_class(info["base_model"]).from_pretrained(info["base_model"], finetune="full", **drawing)
+            scheduler = build_sampler(_sampler_part(settings), policy.scheduler_config).scheduler
+            policy.load_lora(path, LORA_FILE, scheduler)
             policy.unet.eval()
             return policy, settings
-    policy = DiffusionPolicy.from_pretrained(source, finetune="full")
+        policy = policy_class(source).from_pretrained(source, finetune="full", **drawing)
+    else:  # a plain pipeline: its family's default sampler
+        policy = policy_class(source).from_pretrained(source, finetune="full")
+        flow = str(policy.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
+        settings = {**(FlowSDE() if flow else DDIM()).settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     policy.unet.eval()
     return policy, settings
 

@@ -1,0 +1,172 @@
+"""Stable Diffusion 3 (rlft/sd3.py) on a tiny random pipeline in the published layout: it loads through
+model.path with LoRA on Flow-GRPO's targets or full finetuning, samples exactly like
+StableDiffusion3Pipeline, keeps pi_ref fixed while the policy moves, and trains through the runner."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from rlft.algorithms.prdp import PRDP
+from rlft.errors import ConfigError
+from rlft.flow_sampling import FlowODE, FlowSDE
+from rlft.models import build_atomically
+from rlft.sd3 import SD3_LORA_TARGETS, SD3Policy, build_tiny_random_sd3
+from tests.conftest import read_metrics, run_cli_batch, run_process
+
+
+@pytest.fixture(scope="module")
+def sd3_path(cache_dir):
+    path = cache_dir / "tiny_random_sd3_v1"
+    if not path.exists():
+        build_atomically(build_tiny_random_sd3, str(path))
+    return path
+
+
+def test_sampling_matches_the_published_pipeline(sd3_path):
+    """flow_ode + the policy's guided velocity from x_T == StableDiffusion3Pipeline's latents (same x_T,
+    steps, guidance and empty negative prompt)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    policy = SD3Policy.from_pretrained(str(sd3_path), finetune="full", max_sequence_length=16)
+    assert policy.latent_shape == (4, 8, 8) and policy.scheduler_config["shift"] == 3.0
+    sampler = FlowODE(num_steps=4, guidance_scale=4.5).setup(policy.scheduler_config)
+    prompts = ["a red circle", "two cats"]
+    cond = policy.encode(prompts)
+    assert cond.inputs["encoder_hidden_states"].shape == (2, 16 + 16, 32)  # CLIP 16 tokens (padded), T5 16
+    assert cond.inputs["pooled_projections"].shape == (2, 16) and cond.negative["pooled_projections"].shape == (1, 16)
+    noise = torch.randn(2, 5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traj = sampler.sample(policy, cond, noise, lambda lp: lp.mean(dim=(1, 2, 3)))
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path), local_files_only=True)
+    want = pipe(
+        prompts, latents=noise[:, 0], num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
+        max_sequence_length=16, output_type="latent",
+    ).images  # fmt: skip
+    torch.testing.assert_close(traj.latents[:, -1], want, rtol=1e-5, atol=1e-5)
+    assert traj.images.shape == (2, 3, 32, 32) and not traj.stochastic.any()
+
+
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_reference_policy_stays_fixed_while_the_policy_moves(sd3_path, finetune):
+    torch.manual_seed(0)
+    policy = SD3Policy.from_pretrained(str(sd3_path), finetune=finetune, lora_rank=4, max_sequence_length=16)
+    if finetune == "lora":  # every one of Flow-GRPO's targets got an adapter (block 1 has no to_add_out)
+        names = {n for n, _ in policy.unet.named_modules() if n.endswith(".lora_A")}
+        for target in SD3_LORA_TARGETS:
+            assert any(f".{target}.lora_A" in n for n in names), target
+        assert all(p.requires_grad == ("lora_" in n) for n, p in policy.unet.named_parameters())
+    policy.keep_reference()
+    sampler = FlowSDE(num_steps=3, guidance_scale=4.5).setup(policy.scheduler_config)
+    cond = policy.encode(["cat", "dog"])
+    reduce = PRDP().reduce_log_prob
+    traj = sampler.sample(policy, cond, torch.Generator().manual_seed(0), reduce)
+
+    def log_probs(model):  # the second step of both samples  [B]
+        step = sampler.step(model, traj.latents[:, 1], traj.timesteps[1], cond, prev_sample=traj.latents[:, 2])
+        return reduce(step.log_prob)
+
+    with torch.no_grad():
+        ref_before, policy_before = log_probs(policy.reference_policy()), log_probs(policy)
+    torch.testing.assert_close(policy_before, ref_before)  # before training, pi_theta = pi_ref
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-log_probs(policy).mean()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        ref_after, policy_after = log_probs(policy.reference_policy()), log_probs(policy)
+    assert torch.equal(ref_before, ref_after)
+    assert (policy_after - policy_before).abs().max() > 1e-3, policy_after - policy_before
+
+
+def test_bad_sd3_inputs_say_what_to_set(sd3_path, tiny_path):
+    with pytest.raises(ConfigError, match="model.resolution: 36 px is not a multiple of 8"):
+        SD3Policy.from_pretrained(str(sd3_path), resolution=36)
+    with pytest.raises(ConfigError, match="set model.resolution <= 64"):  # 8 patches of 2 latents of 4 px
+        SD3Policy.from_pretrained(str(sd3_path), resolution=72)
+    with pytest.raises(ConfigError, match="not an SD3 pipeline"):
+        SD3Policy.from_pretrained(str(tiny_path))
+
+
+SD3_FAST = [
+    "model=tiny_random_sd3",
+    "sampler=flow_sde",
+    "sampler.num_steps=4",
+    "reward=jpeg_compressibility",
+    "dataset=simple_animals",
+    "~dataset@eval_datasets.unseen",
+    "trainer.epochs=1",
+    "trainer.eval_every=1",
+    "trainer.eval_num_prompts=2",
+    "trainer.prompts_per_epoch=2",
+    "trainer.images_per_prompt=4",
+    "trainer.train_batch_size=4",
+    "trainer.gradient_accumulation_steps=1",
+    "trainer.log_images=0",
+    "optimizer.lr=1e-2",
+]
+
+
+def test_every_algorithm_trains_sd3_through_the_runner_and_the_export_leaves_rlft(cache_dir, tmp_path):
+    """DDPO (LoRA, and full), PRDP, GRPO and PXPO (toy_color's per-pixel map) each take an epoch on the tiny
+    SD3 through the unchanged runner; the exports load in plain diffusers (StableDiffusion3Pipeline, the
+    adapter by load_lora_weights) and draw, by the Euler ODE from the same x_T, what rlft's policy draws."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from rlft.sample import generate, load_model
+
+    root = tmp_path / "runs"
+    cases = {
+        "ddpo_lora": ["algorithm=ddpo", "model.finetune=lora", "model.lora_alpha=8"],
+        "ddpo_full": ["algorithm=ddpo"],
+        "prdp": ["algorithm=prdp"],
+        "grpo": ["algorithm=grpo"],
+        "pxpo": ["algorithm=pxpo", "reward=toy_color", "dataset=toy_small", "~eval_rewards.toy_alignment"],
+    }
+    results = run_cli_batch(
+        [[f"paths.output_root={root}", f"run_name={n}", *SD3_FAST, *a] for n, a in cases.items()], cache_dir
+    )
+    for name, r in zip(cases, results):
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        rows = read_metrics(root / name)
+        train = next(row for row in rows if "train/loss" in row)
+        assert train["train/grad_norm"] > 0 and math.isfinite(train["train/loss"]), (name, train)
+        assert (root / name / "checkpoints" / "epoch_00001").is_dir()
+    assert next(r for r in read_metrics(root / "prdp") if "train/prdp_pairs" in r)["train/prdp_pairs"] > 0
+
+    prompts = ["a cat", "a dog"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for name in ("ddpo_lora", "ddpo_full"):
+        out = tmp_path / f"export_{name}"
+        done = run_process([sys.executable, "-m", "rlft.export", str(root / name), str(out)], cache_dir, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "StableDiffusion3Pipeline" in done.stdout or "load_lora_weights" in done.stdout, done.stdout
+        policy, _ = load_model(str(root / name))
+        sampler = FlowODE(num_steps=4, guidance_scale=4.5).setup(policy.scheduler_config)
+        with torch.no_grad():
+            cond = policy.encode(prompts)
+            ours = sampler.sample(policy, cond, noise[:, None].expand(-1, 5, -1, -1, -1), lambda lp: lp.mean((1, 2, 3)))
+        if name == "ddpo_lora":
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(cache_dir / "tiny_random_sd3_v1"))
+            pipe.load_lora_weights(str(out))
+        else:
+            pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
+        plain = pipe(
+            prompts, latents=noise, num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
+            max_sequence_length=16, output_type="latent",
+        ).images  # fmt: skip
+        base = StableDiffusion3Pipeline.from_pretrained(str(cache_dir / "tiny_random_sd3_v1"))
+        before = base(
+            prompts, latents=noise, num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
+            max_sequence_length=16, output_type="latent",
+        ).images  # fmt: skip
+        assert (plain - before).abs().max() > 1e-3, name  # the export carries the finetuned weights
+        torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
+        # rlft.sample reads the export as it reads the run
+        assert torch.equal(
+            generate(out, prompts, images_per_prompt=1)[0], generate(root / name, prompts, images_per_prompt=1)[0]
+        )
