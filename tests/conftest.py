@@ -78,6 +78,39 @@ def tiny_policy(tiny_path):
     return DiffusionPolicy.from_pretrained(str(tiny_path), finetune="full")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_path(cache_dir) -> Path:
+    from rlft.models import build_atomically
+    from rlft.sd3 import build_tiny_random_sd3
+
+    path = cache_dir / "tiny_random_sd3_v1"  # model=tiny_random_sd3's path
+    if not path.exists():
+        build_atomically(build_tiny_random_sd3, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_policy(tiny_sd3_path):
+    from rlft.sd3 import SD3Policy
+
+    torch.manual_seed(0)
+    return SD3Policy.from_pretrained(str(tiny_sd3_path), finetune="full", max_sequence_length=16)
+
+
+@pytest.fixture(params=["unet", "sd3"])
+def family(request):
+    """(policy, sampler(num_steps)) of each model family: the tiny SD UNet with DDIM (eta 1), the tiny SD3
+    with the flow SDE (a 0.7); the algorithms' identities hold on both."""
+    from rlft.flow_sampling import FlowSDE
+    from rlft.sampling import DDIM
+
+    if request.param == "unet":
+        policy = request.getfixturevalue("tiny_policy")
+        return policy, lambda n: DDIM(n, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+    policy = request.getfixturevalue("tiny_sd3_policy")
+    return policy, lambda n: FlowSDE(n, noise_level=0.7, guidance_scale=4.5).setup(policy.scheduler_config)
+
+
 # Subprocess time limits scale with RLFT_TEST_TIMEOUT_SCALE (default 3: generous for a loaded 2-core
 # machine); a test fails on wrong results, and on a slow machine only with a line that says so.
 TIMEOUT_SCALE = float(os.environ.get("RLFT_TEST_TIMEOUT_SCALE", "3"))

@@ -125,17 +125,18 @@ def test_prdp_rejects_bad_values():
 
 
 # --------------------------------------------------------------------------- two passes vs autograd
-def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(tiny_policy):
-    """In float64 (UNet, embeddings and every step), so that the two computations, which differ only in
-    summation order, agree to float64 rounding: 1e-10 relative."""
+def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(family):
+    """In float64 (denoiser, embeddings and every step), so that the two computations, which differ only in
+    summation order, agree to float64 rounding: 1e-10 relative. On the UNet with DDIM and on SD3 with the
+    flow SDE."""
     torch.manual_seed(0)
-    policy = tiny_policy
+    policy, make_sampler = family
     unet = copy.deepcopy(policy.unet).double().train()
     reference = copy.deepcopy(policy.unet).double().eval().requires_grad_(False)
     with torch.no_grad():  # the reference is "pretrained": a different set of weights
         for p in reference.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    sampler = DDIM(3, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+    sampler = make_sampler(3)
     prompts = ["cat"] * 3 + ["dog"] * 3
     cond = policy.encode(prompts).to(dtype=torch.float64)
     algo = PRDP(beta=1e-2, clip_range=1.0, num_inner_epochs=1)

@@ -45,9 +45,10 @@ def test_bad_settings_and_scalar_rewards_fail_with_the_fix():
     PXPO(broadcast_scalar_reward=True).check_reward("jpeg_compressibility", gives_maps=False)
 
 
-def _sampled(tiny_policy, prompts, algo, seed=1, steps=3, dtype=torch.float32):
+def _sampled(tiny_policy, prompts, algo, seed=1, steps=3, dtype=torch.float32, make_sampler=None):
     unet = copy.deepcopy(tiny_policy.unet).to(dtype).train()
-    sampler = DDIM(steps, eta=1.0, guidance_scale=5.0).setup(tiny_policy.scheduler_config)
+    make_sampler = make_sampler or (lambda n: DDIM(n, eta=1.0, guidance_scale=5.0).setup(tiny_policy.scheduler_config))
+    sampler = make_sampler(steps)
     cond = tiny_policy.encode(prompts).to(dtype=dtype)
     traj = sampler.sample(tiny_policy.with_unet(unet), cond, torch.Generator().manual_seed(seed), algo.reduce_log_prob)
     return unet, sampler, traj
@@ -61,15 +62,17 @@ def _one_step_gradient(policy, algo, rollout, unet, sampler):
     return torch.cat([g.flatten() for g in ctx.grads[0]])
 
 
-def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(tiny_policy):
+def test_uniform_map_gradient_equals_ddpo_sf_with_summed_log_prob(family):
     """A uniform reward map makes PXPO (sf) DDPO-SF with log pi summed over latent dimensions: the same
-    gradient to float64 rounding (1e-10 relative), with the UNet and every step in float64."""
+    gradient to float64 rounding (1e-10 relative), with the denoiser and every step in float64 (the UNet
+    with DDIM; SD3 with the flow SDE, its 32 px map pooled by the VAE factor to the 8x8 latents)."""
     torch.manual_seed(0)
+    tiny_policy, make_sampler = family
     prompts = ["cat"] * 3 + ["dog"] * 3
     group = torch.tensor([0, 0, 0, 1, 1, 1])
     scores = torch.tensor([0.3, 0.1, 0.6, 0.5, 0.2, 0.9], dtype=torch.float64)
     pxpo = PXPO(estimator="sf", baseline="prompt_mean", std="prompt")
-    unet, sampler, traj = _sampled(tiny_policy, prompts, pxpo, dtype=torch.float64)
+    unet, sampler, traj = _sampled(tiny_policy, prompts, pxpo, dtype=torch.float64, make_sampler=make_sampler)
     H, W = traj.images.shape[-2:]
     maps = scores[:, None, None].expand(-1, H, W).clone()  # uniform per image
     got = _one_step_gradient(tiny_policy, pxpo, Rollout(traj, prompts, group, scores, maps), unet, sampler)

@@ -13,25 +13,16 @@ import torch
 from rlft.algorithms.prdp import PRDP
 from rlft.errors import ConfigError
 from rlft.flow_sampling import FlowODE, FlowSDE
-from rlft.models import build_atomically
-from rlft.sd3 import SD3_LORA_TARGETS, SD3Policy, build_tiny_random_sd3
+from rlft.sd3 import SD3_LORA_TARGETS, SD3Policy
 from tests.conftest import read_metrics, run_cli_batch, run_process
 
 
-@pytest.fixture(scope="module")
-def sd3_path(cache_dir):
-    path = cache_dir / "tiny_random_sd3_v1"
-    if not path.exists():
-        build_atomically(build_tiny_random_sd3, str(path))
-    return path
-
-
-def test_sampling_matches_the_published_pipeline(sd3_path):
+def test_sampling_matches_the_published_pipeline(tiny_sd3_path):
     """flow_ode + the policy's guided velocity from x_T == StableDiffusion3Pipeline's latents (same x_T,
     steps, guidance and empty negative prompt)."""
     from diffusers import StableDiffusion3Pipeline
 
-    policy = SD3Policy.from_pretrained(str(sd3_path), finetune="full", max_sequence_length=16)
+    policy = SD3Policy.from_pretrained(str(tiny_sd3_path), finetune="full", max_sequence_length=16)
     assert policy.latent_shape == (4, 8, 8) and policy.scheduler_config["shift"] == 3.0
     sampler = FlowODE(num_steps=4, guidance_scale=4.5).setup(policy.scheduler_config)
     prompts = ["a red circle", "two cats"]
@@ -41,7 +32,7 @@ def test_sampling_matches_the_published_pipeline(sd3_path):
     noise = torch.randn(2, 5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         traj = sampler.sample(policy, cond, noise, lambda lp: lp.mean(dim=(1, 2, 3)))
-    pipe = StableDiffusion3Pipeline.from_pretrained(str(sd3_path), local_files_only=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path), local_files_only=True)
     want = pipe(
         prompts, latents=noise[:, 0], num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
         max_sequence_length=16, output_type="latent",
@@ -51,9 +42,9 @@ def test_sampling_matches_the_published_pipeline(sd3_path):
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_reference_policy_stays_fixed_while_the_policy_moves(sd3_path, finetune):
+def test_reference_policy_stays_fixed_while_the_policy_moves(tiny_sd3_path, finetune):
     torch.manual_seed(0)
-    policy = SD3Policy.from_pretrained(str(sd3_path), finetune=finetune, lora_rank=4, max_sequence_length=16)
+    policy = SD3Policy.from_pretrained(str(tiny_sd3_path), finetune=finetune, lora_rank=4, max_sequence_length=16)
     if finetune == "lora":  # every one of Flow-GRPO's targets got an adapter (block 1 has no to_add_out)
         names = {n for n, _ in policy.unet.named_modules() if n.endswith(".lora_A")}
         for target in SD3_LORA_TARGETS:
@@ -83,11 +74,11 @@ def test_reference_policy_stays_fixed_while_the_policy_moves(sd3_path, finetune)
     assert (policy_after - policy_before).abs().max() > 1e-3, policy_after - policy_before
 
 
-def test_bad_sd3_inputs_say_what_to_set(sd3_path, tiny_path):
+def test_bad_sd3_inputs_say_what_to_set(tiny_sd3_path, tiny_path):
     with pytest.raises(ConfigError, match="model.resolution: 36 px is not a multiple of 8"):
-        SD3Policy.from_pretrained(str(sd3_path), resolution=36)
+        SD3Policy.from_pretrained(str(tiny_sd3_path), resolution=36)
     with pytest.raises(ConfigError, match="set model.resolution <= 64"):  # 8 patches of 2 latents of 4 px
-        SD3Policy.from_pretrained(str(sd3_path), resolution=72)
+        SD3Policy.from_pretrained(str(tiny_sd3_path), resolution=72)
     with pytest.raises(ConfigError, match="not an SD3 pipeline"):
         SD3Policy.from_pretrained(str(tiny_path))
 
