@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format bench toy-weights toy-quality clean
+.PHONY: help install demo test lint format bench toy-weights toy-flow-weights toy-quality clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -41,8 +41,12 @@ format: $(STAMP) ## ruff format + autofix
 bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
 	$(BIN)/python -m rlft.bench --efficiency 24
 
-toy-weights: $(STAMP) ## re-train the toy model on rendered scenes into rlft/toy/weights (~2.5 h on 2 cores, resumable)
+toy-weights: $(STAMP) ## re-train both toy models (UNet, then the flow model on its VAE) on rendered scenes (hours on 2 cores, resumable)
 	$(BIN)/python -m rlft.toy.pretrain --out rlft/toy/weights
+	$(MAKE) toy-flow-weights
+
+toy-flow-weights: $(STAMP) ## train the flow toy model (SD3 architecture, rlft/toy/flow_weights) on the UNet toy's VAE (resumable)
+	$(BIN)/python -m rlft.toy.pretrain_flow --out rlft/toy/flow_weights --vae-from rlft/toy/weights
 
 # the commit whose rlft/toy/weights the shipped toy model is compared with
 TOY_PREVIOUS ?= 96e993d

@@ -289,11 +289,14 @@ class _AdaptersOff:
             base.enable_adapters()
 
 
-def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, builder: str | None = None):
+def load_pipeline(
+    path: str, revision: str | None = None, variant: str | None = None, builder: str | None = None, **parts
+):
     """A pipeline from the hub or a local directory; its class is the one model_index.json names.
 
     ``builder``: dotted path of a function ``f(path)`` that writes the pipeline when ``path`` does not
-    exist yet (used by ``model=tiny_random`` and ``model=tiny_random_sd3``).
+    exist yet (used by ``model=tiny_random`` and ``model=tiny_random_sd3``). ``parts``: components
+    given instead of loaded (None: left out, e.g. SD3's T5).
     """
     from diffusers import DiffusionPipeline
     from hydra.utils import get_object
@@ -311,6 +314,7 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=local or None,
+            **parts,
         )
     except (OSError, ValueError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -134,13 +134,21 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+# files rlft writes itself, and the command that writes them
+MADE_HERE = {
+    "rlft/toy/weights": "make toy-weights",
+    "rlft/toy/flow_weights": "python -m rlft.toy.pretrain_flow, or make toy-weights",
+}
+
+
 def missing(items: list[Need], online: bool) -> list[tuple[str, bool]]:
     """(phrase '<key>: <what> '<source>' <why>', whether it is a hub item) of each missing item."""
     out = []
     for need in items:
         if need.local:
             if not Path(need.source).expanduser().exists():
-                out.append((f"{need.key}: {need.what} '{need.source}' does not exist", False))
+                made = next((f" (write it with {c})" for p, c in MADE_HERE.items() if need.source.endswith(p)), "")
+                out.append((f"{need.key}: {need.what} '{need.source}' does not exist{made}", False))
         elif not online and not cached(need):
             hint = moved_hint(need.source, need.repo_key or need.key)
             out.append((f"{need.key}: {need.what} '{need.source}' is not in the Hugging Face cache{hint}", True))

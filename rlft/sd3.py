@@ -16,6 +16,7 @@ a UNet (rlft/models.py).
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Literal
@@ -95,7 +96,7 @@ class SD3Policy(DiffusionPolicy):
         max_sequence_length: int = 256,
     ) -> SD3Policy:
         """Load a ``StableDiffusion3Pipeline`` from the hub or a local directory (see rlft/models.py)."""
-        pipe = load_pipeline(path, revision, variant, builder)
+        pipe = load_pipeline(path, revision, variant, builder, **_left_out(path))
         if any(getattr(pipe, name, None) is None for name in SD3_PARTS):
             raise ConfigError(
                 "model",
@@ -169,6 +170,15 @@ class SD3Policy(DiffusionPolicy):
 
     def load_lora(self, directory: Path, weight_name: str, scheduler) -> None:
         self.pipe.load_lora_weights(str(directory), weight_name=weight_name)  # into pipe.transformer, our unet
+
+
+def _left_out(path: str) -> dict:
+    """T5 as None where a local pipeline was saved without it (model_index.json does not name it)."""
+    index = Path(path).expanduser() / "model_index.json"
+    if not index.is_file():
+        return {}
+    named = json.loads(index.read_text())
+    return {k: None for k in ("text_encoder_3", "tokenizer_3") if (named.get(k) or [None])[0] is None}
 
 
 # --------------------------------------------------------------------------- tiny random SD3

@@ -168,6 +168,14 @@ BAD_INPUTS = [
         ["sampler: FlowSDE cannot sample this model: its scheduler DDIMScheduler", "use sampler=ddim or sampler=ddpm"],
         2,
     ),
+    (
+        ["model=toy_flow", "sampler=flow_sde", "model.path=/nonexistent/rlft/toy/flow_weights"],  # not written yet
+        [
+            "model.path: diffusion pipeline",
+            "flow_weights' does not exist (write it with python -m rlft.toy.pretrain_flow",
+        ],
+        2,
+    ),
     (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
     (
         ["model.path=/nonexistent/sd", "model.builder=null"],
