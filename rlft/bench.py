@@ -1,7 +1,8 @@
 """`make bench`: speed and memory of the rollout and the update on this machine.
 
-Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prdp, toy:pxpo; full UNet
-finetuning, 20 DDIM steps, CFG 5, sampling batch 16), each in its own process:
+Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prdp, toy:pxpo,
+tiny_random_sd3:grpo; full UNet or transformer finetuning, 20 DDIM steps with CFG 5, or 20 flow-SDE
+steps with CFG 4.5 on the flow models, sampling batch 16), each in its own process:
   * sampling images/s, and our rollout against a bare diffusers loop making the same
     UNet calls (``scheduler.step``, no log-probs): the overhead of recording a trajectory;
   * one epoch of the runner's default batch (8 prompts x 4 images) split into the keys of
@@ -31,7 +32,7 @@ import torch
 
 KEYS = {  # what each printed figure is
     "sample_images_per_s": "our rollout with log-probs, images per second",
-    "bare_diffusers_images_per_s": "a bare diffusers loop making the same UNet calls (scheduler.step)",
+    "bare_diffusers_images_per_s": "a bare diffusers loop making the same denoiser calls (scheduler.step)",
     "rollout_overhead_pct": "how much slower our rollout is than the bare loop (negative: faster)",
     "epoch_samples": "images sampled in one epoch",
     "epoch_s": "one training epoch, all of it",
@@ -78,33 +79,50 @@ MODELS = {
         ],
     ),
     "toy": ("a red circle left of a blue square", ["model=toy"]),  # held out: toy_color (conf/held_out/)
+    # the flow family (rlft/sd3.py) through the same runner: SD3's architecture, the flow SDE
+    "tiny_random_sd3": (
+        "a cat",
+        [
+            "model=tiny_random_sd3",
+            "sampler=flow_sde",
+            "reward=jpeg_compressibility",
+            "dataset=simple_animals",
+            "~dataset@eval_datasets.unseen",
+            "+reward@eval_rewards.jpeg_incompressibility=jpeg_incompressibility",
+        ],
+    ),
+    "toy_flow": ("a red circle left of a blue square", ["model=toy_flow", "sampler=flow_sde"]),
 }
+FLOW_MODELS = ("tiny_random_sd3", "toy_flow")
 
 
-def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int) -> dict[str, float]:
+def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int, flow: bool = False) -> dict[str, float]:
+    """Our rollout (DDIM eta 1, CFG 5; flow models: the flow SDE, CFG 4.5) against a bare loop of the same
+    denoiser calls with the scheduler's own step (DDIM's; FlowMatchEuler's Euler step)."""
+    from rlft.flow_sampling import FlowSDE
     from rlft.sampling import DDIM
 
     device = policy.unet.device
-    sampler = DDIM(steps, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+    sampler = FlowSDE(steps, guidance_scale=4.5) if flow else DDIM(steps, eta=1.0, guidance_scale=5.0)
+    sampler.setup(policy.scheduler_config)
     cond = policy.encode([prompt] * batch)
-    embeds, neg = cond.inputs["encoder_hidden_states"], cond.negative["encoder_hidden_states"]
-    unet = policy.unet.eval()
+    policy.unet.eval()
 
     def ours():
         sampler.sample(policy, cond, torch.Generator().manual_seed(0), lambda lp: lp.mean(dim=(1, 2, 3)))
 
     scheduler = sampler.make_scheduler(policy.scheduler_config)
-    scheduler.set_timesteps(steps)
+    w, step_args = sampler.guidance_scale, {} if flow else {"eta": 1.0}
 
     @torch.no_grad()
     def bare():
+        scheduler.set_timesteps(steps)  # a flow scheduler counts its steps: start again
         g = torch.Generator().manual_seed(0)
         x = torch.randn((batch, *policy.latent_shape), generator=g).to(device)
-        emb = torch.cat([neg.expand(batch, -1, -1), embeds])
+        guided = cond.guided()
         for t in scheduler.timesteps:
-            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
-            u, c = eps.chunk(2)
-            x = scheduler.step(u + 5.0 * (c - u), t, x, eta=1.0, generator=g).prev_sample
+            u, c = policy.denoise(torch.cat([x, x]), t.expand(2 * batch).to(device), guided).chunk(2)
+            x = scheduler.step(u + w * (c - u), t, x, generator=g, **step_args).prev_sample
         policy.decode(x)
 
     t_ours, t_bare = _timeit(ours, repeat), _timeit(bare, repeat)
@@ -170,20 +188,25 @@ def run_case(model: str, algorithm: str, args) -> dict[str, float]:
     import diffusers
 
     from rlft.models import DiffusionPolicy, build_atomically, build_tiny_random
+    from rlft.sd3 import SD3Policy, build_tiny_random_sd3
     from rlft.toy import WEIGHTS
 
     diffusers.utils.logging.disable_progress_bar()
     cache = Path(os.environ.get("RLFT_CACHE", Path.home() / ".cache" / "rlft"))
     prompt, groups = MODELS[model]
-    if model == "tiny_random":
-        path = cache / "tiny_random_v1"
+    family, options = (SD3Policy, {}) if model in FLOW_MODELS else (DiffusionPolicy, {})
+    if model in ("tiny_random", "tiny_random_sd3"):
+        path = cache / f"{model}_v1"
         if not path.exists():
-            build_atomically(build_tiny_random, str(path))
+            build_atomically(build_tiny_random if model == "tiny_random" else build_tiny_random_sd3, str(path))
+        options = {"max_sequence_length": 16} if model == "tiny_random_sd3" else {}
+    elif model == "toy_flow":
+        path, options = WEIGHTS.parent / "flow_weights", {"max_sequence_length": 1}
     else:
         path = WEIGHTS
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = DiffusionPolicy.from_pretrained(str(path), finetune="full").to(device)
-    results = bench_rollout(policy, prompt, args.steps, args.batch, args.repeat)
+    policy = family.from_pretrained(str(path), finetune="full", **options).to(device)
+    results = bench_rollout(policy, prompt, args.steps, args.batch, args.repeat, flow=model in FLOW_MODELS)
     del policy
     with tempfile.TemporaryDirectory() as tmp:
         results.update(bench_epoch(cache, args.steps, Path(tmp), [*groups, f"algorithm={algorithm}"]))
@@ -198,7 +221,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--cases",
-        default="tiny_random:ddpo,toy:ddpo,toy:prdp,toy:pxpo",
+        default="tiny_random:ddpo,toy:ddpo,toy:prdp,toy:pxpo,tiny_random_sd3:grpo",
         help="comma-separated model:algorithm pairs; models: " + ", ".join(MODELS),
     )
     parser.add_argument("--efficiency", type=int, default=0, metavar="EPOCHS", help="PXPO vs DDPO-SF on toy_color")
@@ -221,7 +244,8 @@ def main() -> None:
             continue
         results = json.loads(done.stdout.strip().splitlines()[-1])
         model, algorithm = case.split(":")
-        print(f"\nmodel={model} algorithm={algorithm} (full UNet finetuning)")
+        denoiser = "transformer" if model in FLOW_MODELS else "UNet"
+        print(f"\nmodel={model} algorithm={algorithm} (full {denoiser} finetuning)")
         width = max(len(k) for k in results)
         for key, value in results.items():
             print(f"  {key:<{width}}  {value:10.3f}   {KEYS.get(key, '')}")
