@@ -314,6 +314,26 @@ def _validate_model(node) -> None:
         raise ConfigError("model.lora_alpha", f"must be > 0, got {alpha}")
 
 
+def _validate_family(model, sampler) -> None:
+    """A flow model (its policy class says ``flow_matching``) takes a flow sampler, a diffusion model a
+    diffusion sampler: refused here, before the model loads (the sampler checks the scheduler again)."""
+    if model is None or sampler is None:
+        return
+    try:
+        builder, sampler_cls = get_object(str(model.get("_target_"))), get_object(str(sampler.get("_target_")))
+    except Exception:  # noqa: BLE001 - an unknown target is validate_component's to report
+        return
+    policy_cls = getattr(builder, "__self__", builder)  # Policy.from_pretrained -> Policy
+    flow = getattr(policy_cls, "flow_matching", None)
+    if flow is None or flow == getattr(sampler_cls, "flow_matching", False):
+        return
+    if flow:
+        raise ConfigError("sampler", f"{sampler_cls.__name__} samples diffusion models; the model is a flow model",
+                          "use sampler=flow_sde (sampler=flow_ode to evaluate)")  # fmt: skip
+    raise ConfigError("sampler", f"{sampler_cls.__name__} samples flow models; the model is a diffusion model",
+                      "use sampler=ddim or sampler=ddpm")  # fmt: skip
+
+
 def validate(cfg: DictConfig) -> None:
     """Start-up checks over the whole config (types, keys, values that cannot work)."""
     for group in COMPONENT_GROUPS:
@@ -376,6 +396,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("seed", f"must be an integer in [0, 2^63), got {cfg.seed}")
     _validate_optimizer(cfg.get("optimizer"))
     _validate_model(cfg.get("model"))
+    _validate_family(cfg.get("model"), cfg.get("sampler"))
     if not cfg.resume or not str(cfg.resume).strip():
         raise ConfigError("resume", "is empty", "use auto, never or a checkpoint directory")
     from rlft.presets import check_world

@@ -46,6 +46,8 @@ def quiet_libraries() -> None:
 class DiffusionPolicy:
     """Tokenizer, text encoder, UNet (trainable), VAE and scheduler config of one pipeline."""
 
+    flow_matching = False  # a diffusion model: sampler=ddim or ddpm (a flow model: rlft/sd3.py)
+
     def __init__(
         self,
         tokenizer,

@@ -41,6 +41,8 @@ class SD3Policy(DiffusionPolicy):
     ``StableDiffusion3Pipeline``. ``resolution``: the image side in pixels (default: the transformer's
     sample size x the VAE factor); ``max_sequence_length``: T5's tokens (the pipeline's default 256)."""
 
+    flow_matching = True  # sampler=flow_sde (train) or flow_ode (evaluate)
+
     def __init__(
         self,
         pipe,

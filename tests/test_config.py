@@ -34,8 +34,14 @@ def test_every_option_composes_and_validates(group, tmp_path):
         overrides = [f"{group}={option}"]
         if group == "dataset" and option == "file":
             overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
-        if group == "model" and option in ("sd14", "sd15"):
+        if group == "model" and option in ("sd14", "sd15", "sd35_medium"):
             overrides.append("reward=jpeg_compressibility")
+        if group == "model" and option in ("sd35_medium", "tiny_random_sd3", "toy_flow"):
+            overrides.append("sampler=flow_sde")  # a flow model takes a flow sampler
+        if group == "sampler" and option == "flow_sde":
+            overrides.append("model=tiny_random_sd3")
+        if option == "flow_ode":  # evaluation and export only: refused for training (BAD_INPUTS)
+            continue
         if option == "custom":  # a class of your own (README "Extend rlft"): here one of rlft's
             overrides.append(
                 f"{group}._target_="
@@ -165,7 +171,7 @@ BAD_INPUTS = [
     (["sampler=flow_sde", "sampler.kind=ode"], ["sampler.kind: 'ode' is not one of ['sde', 'cps']"], 2),
     (
         ["sampler=flow_sde"],  # the toy model is a diffusion model (DDIM scheduler)
-        ["sampler: FlowSDE cannot sample this model: its scheduler DDIMScheduler", "use sampler=ddim or sampler=ddpm"],
+        ["sampler: FlowSDE samples flow models; the model is a diffusion model", "use sampler=ddim or sampler=ddpm"],
         2,
     ),
     (
@@ -176,6 +182,7 @@ BAD_INPUTS = [
         ],
         2,
     ),
+    (["model=tiny_random_sd3"], ["sampler: DDIM samples diffusion models; the model is a flow model", "flow_sde"], 2),
     (["trainer.max_grad_norm=-1"], ["trainer.max_grad_norm: must be a finite number > 0", "reverse"], 2),
     (
         ["model.path=/nonexistent/sd", "model.builder=null"],
