@@ -244,9 +244,8 @@ def validate_component(group: str, node: DictConfig, training: bool = True) -> N
         target = get_object(target_path)
     except Exception as exc:  # ImportError, AttributeError
         raise ConfigError(f"{group}._target_", f"cannot import '{target_path}': {exc}") from None
-    if (
-        training and group == "sampler" and getattr(target, "untrainable", None)
-    ):  # before its keys: the sampler is the error
+    # a sampler for evaluation only, refused for training before its keys (the sampler is the error)
+    if training and group == "sampler" and getattr(target, "untrainable", None):
         raise ConfigError("sampler", f"{target.__name__} is for evaluation and export only", target.untrainable)
     schema, choices = signature_schema(target)
     try:
