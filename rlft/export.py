@@ -1,10 +1,11 @@
 """`python -m rlft.export <run dir | checkpoint dir> <out dir>`: a finetuned model in diffusers' formats.
 
     full finetuning  <out>/ is a StableDiffusionPipeline directory (the finetuned UNet, the base
-                     model's other parts, and the scheduler the run sampled with):
+                     model's other parts, and the scheduler the run sampled with; for SD3 a
+                     StableDiffusion3Pipeline with the finetuned transformer):
                          pipe = StableDiffusionPipeline.from_pretrained("<out>")
     LoRA             <out>/pytorch_lora_weights.safetensors, the adapter in the layout (and with
-                     the rank and alpha) that diffusers reads:
+                     the rank and alpha) that diffusers reads (the UNet's or SD3's transformer's):
                          pipe = StableDiffusionPipeline.from_pretrained("<base model>")
                          pipe.load_lora_weights("<out>")
 

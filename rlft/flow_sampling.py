@@ -122,6 +122,7 @@ class FlowSDE(Sampler):
                 "policy-gradient finetuning needs a > 0 (Flow-GRPO uses 0.7; cps needs a <= 1)",
             )
         self.noise_level, self.kind = noise_level, kind
+        self._timesteps_on: dict = {}  # the timesteps on each device a step was asked on
 
     def make_scheduler(self, scheduler_config) -> FlowMatchEulerDiscreteScheduler:
         config = dict(scheduler_config)
@@ -137,11 +138,18 @@ class FlowSDE(Sampler):
 
     def set_timesteps(self) -> None:
         self.scheduler.set_timesteps(self.num_steps, mu=self.mu if self.scheduler.config.use_dynamic_shifting else None)
+        self._timesteps_on = {}
 
     def step_index(self, t: Tensor, n: int) -> Tensor:
-        """The index of each row's timestep among the sampler's  [B] long."""
-        t = torch.as_tensor(t, device=self.timesteps.device, dtype=self.timesteps.dtype).reshape(-1).expand(n)
-        return (self.timesteps[None, :] - t[:, None]).abs().argmin(dim=1)
+        """The index of each row's timestep among the sampler's  [B] long (on ``t``'s device)."""
+        t = torch.as_tensor(t).reshape(-1).expand(n)
+        timesteps = self._timesteps_on.get(t.device)
+        if timesteps is None:
+            timesteps = self._timesteps_on[t.device] = self.timesteps.to(t.device, torch.float64)
+        distance, index = (timesteps[None, :] - t[:, None].to(torch.float64)).abs().min(dim=1)
+        if not torch.compiler.is_compiling() and t.device.type == "cpu" and bool((distance > 1e-3).any()):
+            raise ValueError(f"timesteps {t.tolist()} are not this sampler's ({self.timesteps.tolist()})")
+        return index
 
     def noise_levels(self, index: Tensor) -> Tensor | float:
         """a per row: the noise level inside the window, 0 (the Euler step) outside  [B, 1, 1, 1]."""
@@ -174,7 +182,7 @@ class FlowODE(FlowSDE):
         self, num_steps: int = 40, guidance_scale: float = 4.5, batch_size: int = 8, negative_prompt: str = ""
     ):  # fmt: skip
         Sampler.__init__(self, num_steps, guidance_scale, batch_size, negative_prompt, None)
-        self.noise_level, self.kind = 0.0, "sde"
+        self.noise_level, self.kind, self._timesteps_on = 0.0, "sde", {}
 
     def step_with_log_prob(self, model_output, t, sample, prev_sample=None, variance_noise=None) -> StepOutput:
         index = self.step_index(t, sample.shape[0]).to(sample.device)

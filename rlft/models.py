@@ -282,6 +282,9 @@ class _AdaptersOff:
             raise AttributeError(name)
         return getattr(self._policy, name)
 
+    def with_unet(self, unet) -> _AdaptersOff:
+        return _AdaptersOff(self._policy.with_unet(unet))
+
     def predict(self, x: Tensor, t: Tensor, cond: Conditioning, guidance_scale: float) -> Tensor:
         base = _unwrap(self._policy.unet)
         base.disable_adapters()
@@ -328,11 +331,22 @@ def load_pipeline(
         ) from None
 
 
-def policy_class(path: str) -> type:
-    """The policy family of a pipeline (its model_index.json's class): SD3Policy for Stable Diffusion 3,
-    else DiffusionPolicy."""
-    index = Path(path).expanduser() / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name", "").startswith("StableDiffusion3"):
+def policy_class(path: str, pipeline: str | None = None) -> type:
+    """The policy family of a pipeline: SD3Policy for Stable Diffusion 3, else DiffusionPolicy. The class
+    is ``pipeline`` when given (an export records it), else the one model_index.json names (a local
+    directory, or the hub's or the cache's copy of it)."""
+    if pipeline is None:
+        index = Path(path).expanduser() / "model_index.json"
+        if index.is_file():
+            pipeline = json.loads(index.read_text()).get("_class_name", "")
+        else:
+            from diffusers import DiffusionPipeline
+
+            try:
+                pipeline = DiffusionPipeline.load_config(path).get("_class_name", "")
+            except (OSError, ValueError):  # not reachable: from_pretrained says so with the fix
+                pipeline = ""
+    if pipeline.startswith("StableDiffusion3"):
         from rlft.sd3 import SD3Policy
 
         return SD3Policy

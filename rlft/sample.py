@@ -1,7 +1,7 @@
 """`python -m rlft.sample <source> prompts=... [key=value ...]`: captioned images from a model.
 
 <source> is a run directory (its latest checkpoint), a checkpoint directory, a directory that
-`python -m rlft.export` wrote, or any diffusers Stable Diffusion directory (hub id or path).
+`python -m rlft.export` wrote, or any diffusers Stable Diffusion (1.x or 3) pipeline (hub id or path).
 Images are sampled as the run evaluates: image i of the list (each prompt repeated
 ``images_per_prompt`` times) from the noise of generator (seed, EVAL, eval_seed, i)
 (rlft/seeding.py), with the run's sampler. So `rlft.sample <run> prompts=<its evaluation
@@ -10,8 +10,10 @@ prompts>` redraws the run's own evaluation images.
     prompts=...            "a cat|a dog" (separated by |) or a prompt file (.txt, .json, .jsonl, .csv)
     out=samples            where the PNGs and grid.png go
     images_per_prompt=1
-    seed, eval_seed, num_steps, eta, guidance_scale, batch_size   (default: the run's, else the
-                                                                    sampler defaults)
+    seed, eval_seed, num_steps, eta, noise_level, guidance_scale, batch_size   (default: the run's,
+                           else the sampler defaults: DDIM, or the Euler ODE for a flow model)
+    sampler=flow_ode       another sampler family with its defaults (ddim, ddpm, flow_sde, flow_ode),
+                           e.g. a flow run's images by the deterministic ODE
 
 The same from Python: ``images, prompts = generate(source, ["a cat"])``.
 """
@@ -35,8 +37,18 @@ KEYS = {
     "eval_seed": int,
     "num_steps": int,
     "eta": float,
+    "noise_level": float,
     "guidance_scale": float,
+    "sampler": str,
     "batch_size": int,
+}
+
+
+SAMPLERS = {  # the sampler=... setting: the sampler group's options
+    "ddim": "rlft.sampling.DDIM",
+    "ddpm": "rlft.sampling.DDPM",
+    "flow_sde": "rlft.flow_sampling.FlowSDE",
+    "flow_ode": "rlft.flow_sampling.FlowODE",
 }
 
 
@@ -48,7 +60,7 @@ def load_model(source: str):
     """(policy, settings): settings holds the sampler, seed and eval_seed the source was trained with."""
     from rlft.config import TrainerConfig
     from rlft.export import EXPORT_FILE, LORA_FILE, build_sampler, load_finetuned, sampler_settings
-    from rlft.flow_sampling import FlowSDE
+    from rlft.flow_sampling import FlowODE
     from rlft.models import policy_class
     from rlft.sampling import DDIM
 
@@ -62,16 +74,17 @@ def load_model(source: str):
         settings = {**sampler_settings(info["sampler"]), "seed": info["seed"], "eval_seed": info["eval_seed"]}
         drawing = info.get("model_settings", {})
         if info["kind"] == "lora":  # the base model with the adapter
-            policy = policy_class(info["base_model"]).from_pretrained(info["base_model"], finetune="full", **drawing)
+            family = policy_class(info["base_model"], info.get("pipeline"))
+            policy = family.from_pretrained(info["base_model"], finetune="full", **drawing)
             scheduler = build_sampler(_sampler_part(settings), policy.scheduler_config).scheduler
             policy.load_lora(path, LORA_FILE, scheduler)
             policy.unet.eval()
             return policy, settings
-        policy = policy_class(source).from_pretrained(source, finetune="full", **drawing)
-    else:  # a plain pipeline: its family's default sampler
+        policy = policy_class(source, info.get("pipeline")).from_pretrained(source, finetune="full", **drawing)
+    else:  # a plain pipeline: its family's default sampler (a flow model: the Euler ODE, as its pipeline)
         policy = policy_class(source).from_pretrained(source, finetune="full")
-        flow = str(policy.scheduler_config.get("_class_name", "")).startswith("FlowMatch")
-        settings = {**(FlowSDE() if flow else DDIM()).settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
+        default = FlowODE() if policy.flow_matching else DDIM()
+        settings = {**default.settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     policy.unet.eval()
     return policy, settings
 
@@ -98,6 +111,8 @@ def read_prompts(value: str) -> list[str]:
 def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides):
     """Images [N, 3, H, W] in [0, 1] and their prompts (each repeated ``images_per_prompt`` times),
     sampled as the run evaluates (module docstring); ``overrides`` replace the settings' values."""
+    from hydra.utils import get_object
+
     from rlft.export import build_sampler
     from rlft.seeding import EVAL, sample_noise
 
@@ -105,6 +120,15 @@ def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides
     unknown = set(overrides) - set(KEYS)
     if unknown:
         raise ConfigError(sorted(unknown)[0], "unknown setting", f"known: {', '.join(KEYS)}")
+    family = overrides.pop("sampler", None)
+    if family is not None:  # another sampler family (its defaults), e.g. the flow ODE for a flow run
+        if family not in SAMPLERS:
+            raise ConfigError("sampler", f"unknown sampler '{family}'", f"known: {', '.join(SAMPLERS)}")
+        settings = {
+            **get_object(SAMPLERS[family])().settings(),
+            "seed": settings["seed"],
+            "eval_seed": settings["eval_seed"],
+        }
     settings.update({k: v for k, v in overrides.items() if v is not None})
     sampler = build_sampler(_sampler_part(settings), policy.scheduler_config)
     every = [p for p in prompts for _ in range(images_per_prompt)]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from rlft.errors import ConfigError
+from rlft.flow_sampling import shift_mu
 from rlft.models import DiffusionPolicy, _unwrap, load_pipeline
 from rlft.policy import Conditioning
 
@@ -81,6 +82,8 @@ class SD3Policy(DiffusionPolicy):
                 f"set model.resolution <= {cfg.pos_embed_max_size * cfg.patch_size * self.vae_scale_factor}",
             )
         self.max_sequence_length = max_sequence_length
+        if self.scheduler_config.get("use_dynamic_shifting"):  # the shift for this resolution, as the pipeline's
+            self.scheduler_config["mu"] = shift_mu(self.scheduler_config, (side // cfg.patch_size) ** 2)
 
     @classmethod
     def from_pretrained(
@@ -118,8 +121,11 @@ class SD3Policy(DiffusionPolicy):
         )
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> SD3Policy:
-        for encoder in self.text_encoders:
-            encoder.to(device, dtype=dtype)
+        for encoder in self.text_encoders:  # T5 overflows in fp16: bf16 instead
+            encoder.to(
+                device,
+                dtype=torch.bfloat16 if dtype == torch.float16 and encoder is self.pipe.text_encoder_3 else dtype,
+            )
         self.vae.to(device, dtype=dtype)
         self.unet.to(device)
         return self

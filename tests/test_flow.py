@@ -9,12 +9,13 @@ import math
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from rlft.algorithms.base import Rollout
 from rlft.algorithms.ddpo import DDPO
 from rlft.errors import ConfigError
 from rlft.flow_sampling import FlowODE, FlowSDE, flow_step_with_log_prob, shift_mu
+from rlft.sd3 import SD3Policy
 from tests.helpers import SGDContext, SingleProcessComm
 
 SD35 = {"shift": 3.0}  # SD3.5's scheduler: a static shift of 3
@@ -88,9 +89,10 @@ def test_the_cps_step_by_hand_and_its_last_step_is_deterministic():
     assert sampler.stochastic.tolist() == [True] * 5 + [False]  # t' = 0: no noise, nothing to train
 
 
-def test_a_dynamic_shift_takes_the_policys_mu():
-    """FLUX-style resolution-dependent shifting: mu is the line through (256, 0.5) and (4096, 1.15) at the
-    token count, and the sampler's sigmas are the scheduler's own set_timesteps(n, mu=mu)."""
+def test_a_dynamic_shift_takes_the_policys_mu(tiny_sd3_path):
+    """Resolution-dependent shifting: mu is the line through (256, 0.5) and (4096, 1.15) at the token
+    count, the sampler's sigmas are the scheduler's own set_timesteps(n, mu=mu), and an SD3 policy
+    puts the mu of its resolution into its scheduler config."""
     dynamic = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}
     dynamic |= {"base_image_seq_len": 256, "max_image_seq_len": 4096}
     seq_len = 32 * 32  # a 512 px image: 64x64 latents in 2x2 patches
@@ -100,12 +102,15 @@ def test_a_dynamic_shift_takes_the_policys_mu():
     want.set_timesteps(12, mu=mu)
     got = FlowSDE(num_steps=12).setup({**dynamic, "mu": mu})
     assert torch.equal(got.scheduler.sigmas, want.sigmas) and torch.equal(got.timesteps, want.timesteps)
-    # e^mu is the static shift it amounts to, from the same base sigmas
-    static = FlowMatchEulerDiscreteScheduler.from_config({"shift": math.exp(mu)})
-    base = [1 - k / 12 for k in range(12)]
-    want.set_timesteps(sigmas=base, mu=mu)
-    static.set_timesteps(sigmas=base)
-    torch.testing.assert_close(static.sigmas, want.sigmas, rtol=1e-6, atol=1e-6)
+    # the SD3 policy of a dynamically shifted model gives the mu diffusers' SD3 pipeline computes for its size
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path))
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(dynamic)
+    policy = SD3Policy(pipe, finetune="full", max_sequence_length=16, resolution=32)
+    tokens = (32 // 4 // 2) ** 2  # 32 px, VAE factor 4, patch 2: 16 tokens
+    assert policy.scheduler_config["mu"] == pytest.approx(calculate_shift(tokens, 256, 4096, 0.5, 1.15), rel=1e-12)
+    FlowSDE(num_steps=4).setup(policy.scheduler_config)
     with pytest.raises(ConfigError, match="carries mu for its latent size"):
         FlowSDE(num_steps=4).setup(dynamic)
 

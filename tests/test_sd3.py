@@ -68,7 +68,7 @@ SD3_FAST = [
 ]
 
 
-def test_every_algorithm_trains_sd3_through_the_runner_and_the_export_leaves_rlft(cache_dir, tmp_path):
+def test_every_algorithm_trains_sd3_through_the_runner_and_the_export_leaves_rlft(cache_dir, tiny_sd3_path, tmp_path):
     """DDPO (LoRA, and full), PRDP, GRPO and PXPO (toy_color's per-pixel map) each take an epoch on the tiny
     SD3 through the unchanged runner; the exports load in plain diffusers (StableDiffusion3Pipeline, the
     adapter by load_lora_weights) and draw, by the Euler ODE from the same x_T, what rlft's policy draws."""
@@ -123,7 +123,11 @@ def test_every_algorithm_trains_sd3_through_the_runner_and_the_export_leaves_rlf
         ).images  # fmt: skip
         assert (plain - before).abs().max() > 1e-3, name  # the export carries the finetuned weights
         torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
-        # rlft.sample reads the export as it reads the run
-        assert torch.equal(
-            generate(out, prompts, images_per_prompt=1)[0], generate(root / name, prompts, images_per_prompt=1)[0]
-        )
+        # rlft.sample reads the export as it reads the run, with the run's sampler or another family
+        assert torch.equal(generate(out, prompts)[0], generate(root / name, prompts)[0])
+        ode = generate(out, prompts, sampler="flow_ode", num_steps=4)[0]
+        assert torch.equal(ode, generate(root / name, prompts, sampler="flow_ode", num_steps=4)[0])
+        assert not torch.equal(ode, generate(out, prompts)[0])
+    # a plain SD3 pipeline is sampled as its own pipeline samples: the Euler ODE
+    _, settings = load_model(str(tiny_sd3_path))
+    assert settings["_target_"] == "rlft.flow_sampling.FlowODE"

@@ -12,7 +12,7 @@ import torch
 import rlft.toy.pretrain_flow as pretrain_flow_module
 from rlft.sd3 import SD3Policy
 from rlft.toy.pretrain import MAX_TOKENS, build_tokenizer
-from rlft.toy.pretrain_flow import encode, pretrain_flow
+from rlft.toy.pretrain_flow import FLOW_SPECIALS, encode, pretrain_flow
 from tests.conftest import REPO
 
 TOY = REPO / "rlft" / "toy" / "weights"
@@ -37,12 +37,20 @@ def test_a_short_pretraining_writes_a_pipeline_that_trains_on_its_own_conditioni
     embeds, _, pooled, _ = pipe.encode_prompt(
         prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=1
     )
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(FLOW_SPECIALS)
     ids = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     with torch.no_grad():
         states, pooled_ours = encode(pipe.text_encoder, pipe.text_encoder_2, ids)
     torch.testing.assert_close(states, embeds, rtol=0, atol=0)
     torch.testing.assert_close(pooled_ours, pooled, rtol=0, atol=0)
+    # the pooled embedding (which conditions every block) is read at the end-of-text token, so it has
+    # seen the whole prompt (transformers' CLIP pools at the highest token id when eos_token_id is 2)
+    eos = tokenizer.eos_token_id
+    assert eos != 2 and pipe.text_encoder.config.eos_token_id == eos
+    with torch.no_grad():
+        out = pipe.text_encoder(ids)
+        at_eos = out.last_hidden_state[torch.arange(len(ids)), (ids == eos).int().argmax(dim=-1)]
+        torch.testing.assert_close(out.text_embeds, pipe.text_encoder.text_projection(at_eos), rtol=0, atol=0)
     policy = SD3Policy.from_pretrained(str(tmp_path / "a"), max_sequence_length=1)
     assert policy.latent_shape == (8, 8, 8) and policy.resolution == 32
 

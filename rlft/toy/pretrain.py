@@ -78,12 +78,16 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer():
-    """A word-level tokenizer (lower-cased, whitespace-split, start/end tokens), saved as tokenizer.json."""
+SPECIALS = ("<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>")
+
+
+def build_tokenizer(specials: tuple[str, ...] = SPECIALS):
+    """A word-level tokenizer (lower-cased, whitespace-split, start/end tokens), saved as tokenizer.json;
+    ``specials`` in id order (the UNet toy's: end of text at id 2)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<|pad|>", "<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    specials = list(specials)
     vocab = {w: i for i, w in enumerate(specials + vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     tok.normalizer = normalizers.Lowercase()

@@ -44,6 +44,10 @@ from rlft.toy.pretrain import (
     render_dataset,
 )
 
+# transformers' CLIP pools the state at the highest token id when eos_token_id is 2 (its legacy rule)
+# and at the first end-of-text token otherwise: the pooled embedding, which conditions every SD3
+# block, must see the whole prompt, so end of text is id 3 here
+FLOW_SPECIALS = ("<|pad|>", "<|startoftext|>", "<|unk|>", "<|endoftext|>")
 FLOW_STAGE = 3  # the first part of every generator key of this stage (the UNet toy's are 1 and 2)
 T5_TOKENS = 1  # the zeros the pipeline puts in T5's place (no T5 here): one token
 CLIP_HIDDEN, CLIP_PROJECTION, JOINT_DIM = 64, 32, 128
@@ -188,7 +192,7 @@ def pretrain_flow(
         work_dir.mkdir(parents=True, exist_ok=True)
         clock.write_text(json.dumps({"wall_s": earlier + time.time() - start}))
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(FLOW_SPECIALS)
     vae = AutoencoderKL.from_pretrained(Path(vae_from) / "vae").eval()
     pixels, texts = render_dataset(images, seed)
     latents = standardised_latents(vae, pixels)
