@@ -187,18 +187,18 @@ def run_case(model: str, algorithm: str, args) -> dict[str, float]:
     """One (model, algorithm) case: rollout speed and one epoch through the runner, in this process."""
     import diffusers
 
-    from rlft.models import DiffusionPolicy, build_atomically, build_tiny_random
+    from rlft.models import DiffusionPolicy, build_tiny_random, ensure_built
     from rlft.sd3 import SD3Policy, build_tiny_random_sd3
     from rlft.toy import WEIGHTS
 
     diffusers.utils.logging.disable_progress_bar()
     cache = Path(os.environ.get("RLFT_CACHE", Path.home() / ".cache" / "rlft"))
     prompt, groups = MODELS[model]
-    family, options = (SD3Policy, {}) if model in FLOW_MODELS else (DiffusionPolicy, {})
+    family, options = SD3Policy if model in FLOW_MODELS else DiffusionPolicy, {}
     if model in ("tiny_random", "tiny_random_sd3"):
-        path = cache / f"{model}_v1"
-        if not path.exists():
-            build_atomically(build_tiny_random if model == "tiny_random" else build_tiny_random_sd3, str(path))
+        path = ensure_built(
+            cache / f"{model}_v1", build_tiny_random if model == "tiny_random" else build_tiny_random_sd3
+        )
         options = {"max_sequence_length": 16} if model == "tiny_random_sd3" else {}
     elif model == "toy_flow":
         path, options = WEIGHTS.parent / "flow_weights", {"max_sequence_length": 1}

@@ -306,8 +306,8 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
     from hydra.utils import get_object
 
-    if builder and not Path(path).exists():
-        build_atomically(get_object(builder), path)
+    if builder:
+        ensure_built(path, get_object(builder))
     local = Path(path).is_dir()
     if not local and path.startswith((".", "/", "~")):
         raise ConfigError("model.path", f"'{path}' does not exist", "set model.path to a diffusers directory")
@@ -355,6 +355,13 @@ def policy_class(path: str, pipeline: str | None = None) -> type:
 
 def _unwrap(module):
     return getattr(module, "module", module)
+
+
+def ensure_built(path, build) -> Path:
+    """``path``, written by ``build(path)`` (atomically) first when it does not exist yet."""
+    if not Path(path).expanduser().exists():
+        build_atomically(build, str(path))
+    return Path(path)
 
 
 def build_atomically(build, path: str) -> None:

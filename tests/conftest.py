@@ -62,12 +62,9 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_path(cache_dir) -> Path:
-    from rlft.models import build_atomically, build_tiny_random
+    from rlft.models import build_tiny_random, ensure_built
 
-    path = cache_dir / "tiny_random_v1"
-    if not path.exists():
-        build_atomically(build_tiny_random, str(path))
-    return path
+    return ensure_built(cache_dir / "tiny_random_v1", build_tiny_random)  # model=tiny_random's path
 
 
 @pytest.fixture(scope="session")
@@ -80,13 +77,10 @@ def tiny_policy(tiny_path):
 
 @pytest.fixture(scope="session")
 def tiny_sd3_path(cache_dir) -> Path:
-    from rlft.models import build_atomically
+    from rlft.models import ensure_built
     from rlft.sd3 import build_tiny_random_sd3
 
-    path = cache_dir / "tiny_random_sd3_v1"  # model=tiny_random_sd3's path
-    if not path.exists():
-        build_atomically(build_tiny_random_sd3, str(path))
-    return path
+    return ensure_built(cache_dir / "tiny_random_sd3_v1", build_tiny_random_sd3)  # model=tiny_random_sd3's path
 
 
 @pytest.fixture(scope="session")
