@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test lint format bench toy-weights toy-flow-weights toy-quality clean
+.PHONY: help install install-browser demo studio test lint format bench toy-weights toy-flow-weights toy-quality clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,8 +21,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with torch + torchvision (override TORCH="torch==... torchvision==...") and rlft[dev]
 
+# the studio's browser test drives Debian's chromium through playwright (playwright's own browser
+# download needs a host an offline install cannot reach); without root, sudo is asked for
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+install-browser: ## install Debian's chromium for the studio's browser test (apt)
+	@command -v chromium >/dev/null 2>&1 || $(SUDO) apt-get install -y -q chromium >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q chromium >/dev/null)
+	@chromium --version
+
 demo: $(STAMP) ## run the embedded default finetuning (CPU, offline, a few minutes)
 	$(BIN)/python -m rlft run_name=demo-$$(date +%Y%m%d-%H%M%S)
+
+studio: $(STAMP) ## the feedback studio on http://127.0.0.1:7860 (paint like/dislike on a sample, PXPO trains on it)
+	$(BIN)/python -m rlft.studio
 
 # the suite in JOBS worker processes (pytest-xdist, one test file per worker at a time), one thread
 # each unless OMP_NUM_THREADS says otherwise: about 8 min on 2 cores (JOBS=1: one process)

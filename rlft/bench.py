@@ -134,14 +134,9 @@ def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int, flow
 
 
 def bench_epoch(cache: Path, steps: int, out: Path, groups: list[str]) -> dict[str, float]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-
-    from rlft.config import register_configs, validate
+    from rlft.config import compose_run
     from rlft.runner import Runner
 
-    register_configs()
-    conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = [
         *groups,
         f"paths.output_root={out}",
@@ -152,13 +147,7 @@ def bench_epoch(cache: Path, steps: int, out: Path, groups: list[str]) -> dict[s
         "resume=never",
         "run_name=bench",
     ]
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    validate(cfg)
+    cfg = compose_run(overrides)
     runner = Runner(cfg, out / "bench")
     runner.logger.start(runner.run_dir, {}, None)
     runner.train_epoch()  # warm-up

@@ -112,6 +112,28 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("rlft.package", _package_path, replace=True)
 
 
+def compose_run(overrides: list[str]) -> DictConfig:
+    """The run config that `python -m rlft <overrides>` would run, composed in this process (for code
+    that drives the runner itself: rlft/bench.py, rlft/studio). ``${hydra:...}`` values resolve as
+    under the command line; a config mistake is one :class:`ConfigError`, as there."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+
+    register_configs()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    try:
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError("overrides", first, "the same overrides as `python -m rlft` takes") from None
+    HydraConfig.instance().set_config(cfg)
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    validate(cfg)
+    return cfg
+
+
 def _package_path(sub: str) -> str:
     return str(Path(__file__).resolve().parent / sub)
 

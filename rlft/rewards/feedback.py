@@ -26,18 +26,24 @@ from rlft.errors import ConfigError
 from rlft.rewards.base import Reward, RewardOutput
 
 
+def map_values(image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    """A painted 0-255 map as the reward reads it: greyscale, resized to ``size`` (H, W) bilinearly,
+    m = (v - 127.5) / 127.5 in [-1, 1]  [H, W]."""
+    grey = image.convert("L").resize((size[1], size[0]), Image.BILINEAR)
+    return (torch.from_numpy(np.asarray(grey, dtype=np.float32)) - 127.5) / 127.5
+
+
 def read_feedback_map(path: Path, size: tuple[int, int]) -> torch.Tensor:
-    """The painted map at ``size`` (H, W), in [-1, 1]  [H, W]."""
+    """The painted map at ``path``, at ``size`` (H, W), in [-1, 1]  [H, W]."""
     from PIL import UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            grey = img.convert("L").resize((size[1], size[0]), Image.BILINEAR)
+            return map_values(img, size)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ConfigError(
             "reward.root", f"feedback map '{path}' is not a readable image ({type(e).__name__})", "save it as a PNG"
         ) from None
-    return (torch.from_numpy(np.asarray(grey, dtype=np.float32)) - 127.5) / 127.5
 
 
 class FeedbackMap(Reward):

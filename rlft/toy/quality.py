@@ -2,12 +2,15 @@
 
     python -m rlft.toy.quality                                   # the shipped model
     python -m rlft.toy.quality OLD_DIR rlft/toy/weights --grid g.png   # two models, same prompts and noise
-    make toy-quality                                             # the shipped model against the previous one
+    python -m rlft.toy.quality rlft/toy/weights rlft/toy/flow_weights  # the UNet toy beside the flow toy
+    make toy-quality                                             # the shipped models against the previous UNet
 
 Every model draws the same images the default run evaluates (``trainer.eval_num_prompts`` = 128
 stratified prompts of each split x 2 seeds, image i's noise from (seed 0, EVAL, eval_seed 1234, i),
-DDIM with eta 1, CFG 5, 10 steps unless ``--steps``), scored by toy_alignment and its sub-scores
-(rlft/toy/rewards.py). Each cell is the mean over prompts ± its standard error (rlft/stats.py).
+10 steps unless ``--steps``), each with its family's training sampler as the runs evaluate it: DDIM
+with eta 1 and CFG 5 for the UNet toy, the flow SDE (a = 0.7, CFG 4.5, sampler=flow_sde) for the flow
+toy; scored by toy_alignment and its sub-scores (rlft/toy/rewards.py). Each cell is the mean over
+prompts ± its standard error (rlft/stats.py).
 """
 
 from __future__ import annotations
@@ -24,17 +27,29 @@ SPLITS = ("train", "unseen")
 
 
 @torch.no_grad()
-def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10, guidance: float = 5.0) -> dict:
+def load_toy(path: str, steps: int = 10):
+    """(policy, sampler) of a toy model directory, either family, with the sampler its runs use."""
+    from rlft.flow_sampling import FlowSDE
+    from rlft.models import policy_class
+    from rlft.sampling import DDIM
+    from rlft.toy.pretrain_flow import T5_TOKENS
+
+    family = policy_class(path)
+    if family.__name__ == "SD3Policy":  # the flow toy: no T5, its zeros one token long
+        policy = family.from_pretrained(path, finetune="full", max_sequence_length=T5_TOKENS)
+        return policy, FlowSDE(steps).setup(policy.scheduler_config)
+    policy = family.from_pretrained(path, finetune="full")
+    return policy, DDIM(steps, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
+
+
+def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10) -> dict:
     """{split: {row: (mean, se, n)}} for rows all / single_object / two_objects / each sub-score, and
     a few images per split (single- and two-object prompts, first seed) for a grid."""
-    from rlft.models import DiffusionPolicy
-    from rlft.sampling import DDIM
     from rlft.seeding import EVAL, sample_noise
     from rlft.toy.grammar import ToyPrompts, parse
     from rlft.toy.rewards import ToyAlignment
 
-    policy = DiffusionPolicy.from_pretrained(path, finetune="full")
-    sampler = DDIM(steps, eta=1.0, guidance_scale=guidance).setup(policy.scheduler_config)
+    policy, sampler = load_toy(path, steps)
     reward = ToyAlignment()
     out: dict = {"model": str(path), "steps": steps, "splits": {}, "images": {}}
     for split in SPLITS:
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the numbers to this file")
     args = parser.parse_args(argv)
     results = [measure(m, args.prompts, args.seeds, args.steps) for m in args.models]
-    print(f"toy_alignment and its sub-scores, mean ± SE over prompts (prompts counted), {args.steps} DDIM steps:")
+    print(f"toy_alignment and its sub-scores, mean ± SE over prompts (prompts counted), {args.steps} steps:")
     print(table(results))
     if args.grid:
         from rlft.loggers import captioned_grid
