@@ -22,7 +22,7 @@ pytest.importorskip("gradio", reason="the studio's extra is not installed: pip i
 
 # the toy world, PXPO on one painted image (experiment=pxpo_feedback), no progress bars
 QUIET = ["trainer.progress_bar=false"]
-PROMPT, PICK, EPOCHS = "a red circle", 1, 12
+PROMPT, PICK, EPOCHS = "a red circle", 2, 12  # candidate 2: seed 2
 ARTIFACTS = Path(os.environ.get("RLFT_TEST_ARTIFACTS", REPO / "outputs" / "test_artifacts"))
 
 
@@ -78,8 +78,8 @@ def test_the_loop_through_python_functions_is_deterministic_and_a_run_directory(
     from rlft.studio import SESSION_FILE, Studio
 
     studio = Studio(QUIET, root=tmp_path / "a")
-    candidates = studio.generate(PROMPT, n=2)
-    assert len(candidates) == 2 and candidates[0].shape == (*studio.image_size, 3)
+    candidates = studio.generate(PROMPT, n=PICK + 1)
+    assert len(candidates) == PICK + 1 and candidates[0].shape == (*studio.image_size, 3)
     assert not np.array_equal(candidates[0], candidates[1])  # fixed noise per seed, different seeds
     original = studio.pick(PICK)
     feedback = halves(studio.display_size)
@@ -89,7 +89,7 @@ def test_the_loop_through_python_functions_is_deterministic_and_a_run_directory(
     assert not np.array_equal(studio.current, original)  # the image moved
 
     again = Studio(QUIET, root=tmp_path / "b")  # the same session from scratch: the same numbers
-    again.generate(PROMPT, n=2)
+    again.generate(PROMPT, n=PICK + 1)
     assert np.array_equal(again.pick(PICK), original)
     repeat = again.train(feedback, epochs=EPOCHS)
     assert (repeat.liked_change, repeat.disliked_change) == (first.liked_change, first.disliked_change)
@@ -196,11 +196,14 @@ def studio_server(tmp_path, cache_dir):
 
 
 def _paint_half(page, canvas: dict, side: str, rows: int = 16) -> None:
-    """Horizontal brush strokes over one half of the editor's canvas, leaving a strip of 12 px in the
-    middle unpainted. The sample is centred on the canvas, and strokes beyond it are cut off, so this
-    paints that half of the sample."""
-    mid = canvas["x"] + canvas["width"] / 2
-    x0, x1 = (canvas["x"] + 2, mid - 6) if side == "left" else (mid + 6, canvas["x"] + canvas["width"] - 2)
+    """Horizontal brush strokes over one half of the sample, from near the middle outwards. The sample
+    is centred on the editor's canvas and no larger than its height, so strokes that reach half that
+    height from the middle cover its half (beyond it they are cut off) and stay clear of the tool bar
+    at the canvas's left edge; the brush's radius (1/16 of the sample, scaled to the canvas) is kept
+    clear of the middle."""
+    mid, reach = canvas["x"] + canvas["width"] / 2, canvas["height"] / 2
+    sign = -1 if side == "left" else 1
+    x0, x1 = mid + sign * 28, mid + sign * reach
     for r in range(rows + 1):
         y = canvas["y"] + 2 + r * (canvas["height"] - 4) / rows
         page.mouse.move(x0, y)
@@ -233,6 +236,7 @@ def test_the_page_in_a_real_browser(studio_server, tmp_path, studio_env):
         editor = page.locator("#studio-editor")
         page.wait_for_timeout(1000)  # the sample drawn on the canvas
         canvas = editor.locator("canvas").first.bounding_box()
+        editor.get_by_role("button", name="Brush", exact=True).click()
         _paint_half(page, canvas, "left")  # the like brush (the first colour)
         editor.get_by_role("button", name="Color").click()
         editor.locator("menu.swatch button.color").nth(1).click()  # the dislike brush

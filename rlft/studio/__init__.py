@@ -14,7 +14,7 @@ here, callable without a browser (the page, rlft/studio/page.py, only calls them
     candidates = studio.generate("a red circle", n=4)
     studio.pick(2)                                 # candidate 2: the first image of a run with seed first_seed + 2
     feedback = strokes_to_map(layers)              # or any 0-255 array the size of studio.display_size
-    result = studio.train(feedback, epochs=10)     # result.liked_change, result.disliked_change
+    result = studio.train(feedback)                # PXPO, 12 epochs; result.liked_change, .disliked_change
     studio.undo()                                  # back to the round before
     studio.save()                                  # studio.json: prompt, seed, rounds, the commands below
 
@@ -244,15 +244,16 @@ class Studio:
             raise StudioError("the map is empty: paint liked regions green and disliked ones red before training")
         return m
 
-    def train(self, feedback, epochs: int = 10) -> Round:
-        """PXPO for ``epochs`` more epochs on the current image's map (experiment=pxpo_feedback); the
-        image redrawn from the same noise afterwards, and the change per region. Progress: the
-        runner's progress bars (the page shows them)."""
+    def train(self, feedback, epochs: int | None = None) -> Round:
+        """PXPO for ``epochs`` more epochs (default: the config's trainer.epochs, experiment=pxpo_feedback's
+        12) on the current image's map; the image redrawn from the same noise afterwards, and the change
+        per region. Progress: the runner's progress bars (the page shows them)."""
         from rlft.config import compose_run
         from rlft.runner import Runner
 
         if self.session is None or self.dir is None:
             raise StudioError("no sample picked: generate samples and pick one first")
+        epochs = self.cfg.trainer.epochs if epochs is None else epochs
         if not 1 <= int(epochs) <= 1000:
             raise StudioError(f"{epochs} epochs: choose 1 to 1000")
         m = self.check_map(feedback)

@@ -82,7 +82,9 @@ def build_page(studio: Studio | None, problem: str | None = None):
                 elem_id="studio-editor",
             )
             with gr.Column():
-                epochs = gr.Slider(1, 100, value=10, step=1, label="epochs per round", elem_id="studio-epochs")
+                epochs = gr.Slider(
+                    1, 100, value=studio.cfg.trainer.epochs, step=1, label="epochs per round", elem_id="studio-epochs"
+                )
                 train = gr.Button("train", variant="primary", elem_id="studio-train")
                 with gr.Row():
                     undo = gr.Button("undo last round", elem_id="studio-undo")
