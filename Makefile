@@ -42,12 +42,12 @@ test: $(STAMP) ## run the test suite (offline, CPU; JOBS=2 workers)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
 
 lint: $(STAMP) ## ruff check + format check
-	$(BIN)/ruff check rlft tests
-	$(BIN)/ruff format --check rlft tests
+	$(BIN)/ruff check rlft tests experiments
+	$(BIN)/ruff format --check rlft tests experiments
 
 format: $(STAMP) ## ruff format + autofix
-	$(BIN)/ruff format rlft tests
-	$(BIN)/ruff check --fix rlft tests
+	$(BIN)/ruff format rlft tests experiments
+	$(BIN)/ruff check --fix rlft tests experiments
 
 bench: $(STAMP) ## print speed and memory figures (tiny_random on this machine)
 	$(BIN)/python -m rlft.bench --efficiency 24

@@ -55,9 +55,8 @@ def main() -> None:
                     studio.pick(0)
                     r = studio.train(halves(studio.display_size, mirror), epochs=args.epochs)
                     rows.append((r.liked_change, r.disliked_change))
-                    print(
-                        f"  {name}: seed {seed} mirror {mirror}: liked {r.liked_change:.2f} disliked {r.disliked_change:.2f}"
-                    )
+                    where = f"seed {seed}" + (" (mirror image)" if mirror else "")
+                    print(f"  {name}, {where}: liked {r.liked_change:.2f}, disliked {r.disliked_change:.2f}")
         diff = [d - li for li, d in rows]
         se = statistics.stdev(diff) / len(diff) ** 0.5
         liked, disliked = (statistics.mean(c) for c in zip(*rows))
