@@ -173,7 +173,7 @@ def pretrain_flow(
     out: str,
     vae_from: str,
     images: int = 96_000,
-    steps: int = 8000,
+    steps: int = 2000,
     batch: int = 64,
     seed: int = 0,
     log=print,
@@ -240,7 +240,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "flow_weights"))
     parser.add_argument("--vae-from", default=str(Path(__file__).parent / "weights"), help="the UNet toy's pipeline")
     parser.add_argument("--images", type=int, default=96_000)
-    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
