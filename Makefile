@@ -61,10 +61,11 @@ toy-flow-weights: $(STAMP) ## train the flow toy model (SD3 architecture, rlft/t
 
 # the commit whose rlft/toy/weights the shipped toy model is compared with
 TOY_PREVIOUS ?= 96e993d
-toy-quality: $(STAMP) ## the toy model's quality per split and attribute against the previous one (same prompts, noise)
+toy-quality: $(STAMP) ## both toy models' quality per split and attribute beside the previous UNet toy (same prompts, noise)
 	rm -rf outputs/toy_previous && mkdir -p outputs/toy_previous
 	git archive $(TOY_PREVIOUS) rlft/toy/weights | tar -x -C outputs/toy_previous
-	$(BIN)/python -m rlft.toy.quality outputs/toy_previous/rlft/toy/weights rlft/toy/weights --grid outputs/toy_quality.png
+	$(BIN)/python -m rlft.toy.quality outputs/toy_previous/rlft/toy/weights rlft/toy/weights rlft/toy/flow_weights \
+		--grid outputs/toy_quality.png
 
 clean: ## remove the virtual environment and run outputs
 	rm -rf $(VENV) outputs multirun .pytest_cache .ruff_cache

@@ -1,6 +1,7 @@
 """`make bench`: speed and memory of the rollout and the update on this machine.
 
-Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy:prdp, toy:pxpo,
+Prints, per case (model x algorithm; default tiny_random:ddpo, toy:ddpo, toy_flow:ddpo (the flow toy
+beside the UNet toy, same batch and algorithm), toy:prdp, toy:pxpo,
 tiny_random_sd3:grpo; full UNet or transformer finetuning, 20 DDIM steps with CFG 5, or 20 flow-SDE
 steps with CFG 4.5 on the flow models, sampling batch 16), each in its own process:
   * sampling images/s, and our rollout against a bare diffusers loop making the same
@@ -210,7 +211,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument(
         "--cases",
-        default="tiny_random:ddpo,toy:ddpo,toy:prdp,toy:pxpo,tiny_random_sd3:grpo",
+        default="tiny_random:ddpo,toy:ddpo,toy_flow:ddpo,toy:prdp,toy:pxpo,tiny_random_sd3:grpo",
         help="comma-separated model:algorithm pairs; models: " + ", ".join(MODELS),
     )
     parser.add_argument("--efficiency", type=int, default=0, metavar="EPOCHS", help="PXPO vs DDPO-SF on toy_color")
