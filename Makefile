@@ -39,7 +39,7 @@ studio: $(STAMP) ## the feedback studio on http://127.0.0.1:7860 (paint like/dis
 # each unless OMP_NUM_THREADS says otherwise: about 8 min on 2 cores (JOBS=1: one process)
 JOBS ?= 2
 test: $(STAMP) ## run the test suite (offline, CPU; JOBS=2 workers)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=12
 
 lint: $(STAMP) ## ruff check + format check
 	$(BIN)/ruff check rlft tests experiments
