@@ -105,6 +105,9 @@ def test_the_loop_through_python_functions_is_deterministic_and_a_run_directory(
     assert saved["prompt"] == PROMPT and saved["seed"] == PICK and len(saved["rounds"]) == 1
     reopened = Studio.open(studio.dir)
     assert np.array_equal(reopened.current, studio.current) and reopened.session.rounds == studio.session.rounds
+    from rlft.studio.page import build_page
+
+    build_page(reopened)  # `python -m rlft.studio --session DIR`: the page opens on the session's image
 
     # the session is a run: the saved command continues it (2 epochs more) and the export loads
     resume = saved["commands"]["resume"].split()[3:]  # after "python -m rlft"

@@ -68,6 +68,7 @@ def build_page(studio: Studio | None, problem: str | None = None):
         side = studio.display_size
         with gr.Row():
             editor = gr.ImageEditor(
+                value=studio.enlarge(studio.current) if studio.session is not None else None,  # a reopened session
                 label="paint: green = like, red = dislike",
                 type="numpy",
                 image_mode="RGBA",
