@@ -3,7 +3,7 @@
 # evaluated before and after on the training prompts (paired gain ± SE over prompts, in each run's
 # console.log and the summary below). Settings: conf/tuning/toy_flow_*.yaml and, on toy_relations,
 # conf/recipe/toy_flow_toy_relations_*.yaml (the first 3 of 10 steps stochastic).
-#   bash experiments/flow_toy.sh            # outputs/flow_toy/<algorithm>; about 10 min per run on one core
+#   bash experiments/flow_toy.sh            # outputs/flow_toy/<algorithm>; 11.5 min for the four on 2 cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/flow_toy}
