@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -303,10 +304,10 @@ class Studio:
         """The command lines that continue the session's run and export its weights."""
         assert self.session is not None and self.dir is not None
         epochs = self.session.rounds[-1].epochs if self.session.rounds else 0
-        args = " ".join(_quote(o) for o in self._run_overrides(epochs + 10))
+        args = " ".join(shlex.quote(o) for o in self._run_overrides(epochs + 10))
         return {
             "resume": f"python -m rlft {args}",
-            "export": f"python -m rlft.export {_quote(str(self.dir))} {_quote(str(self.dir / 'export'))}",
+            "export": f"python -m rlft.export {shlex.quote(str(self.dir))} {shlex.quote(str(self.dir / 'export'))}",
         }
 
     def save(self) -> Path:
@@ -319,9 +320,3 @@ class Studio:
         tmp.write_text(json.dumps(data, indent=2) + "\n")
         tmp.replace(self.dir / SESSION_FILE)
         return self.dir
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from rlft.errors import RlftError
-from rlft.studio import DISLIKE_COLOR, LIKE_COLOR, Round, Studio, StudioError, strokes_to_map
+from rlft.studio import DISLIKE_COLOR, LIKE_COLOR, Round, Studio, strokes_to_map
 
 STATUS_ID, CHANGE_ID = "studio-status", "studio-change"
 
@@ -114,22 +114,12 @@ def build_page(studio: Studio | None, problem: str | None = None):
 
         def on_train(value, n, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - Gradio's way to show progress
             try:
-                if studio.session is None:
-                    raise StudioError("no sample picked: generate samples and click one first")
-                shown = studio.current
+                shown = studio.current  # StudioError before a pick
                 feedback = strokes_to_map(_layers(value), studio.display_size)
                 result = studio.train(feedback, int(n))
-            except RlftError as e:
-                return gr.update(), gr.update(), gr.update(), gr.update(), f"error: {e}", gr.update()
             except Exception as e:  # noqa: BLE001 - the page stays up; the session on disk is as the last round left it
-                return (
-                    gr.update(),
-                    gr.update(),
-                    gr.update(),
-                    gr.update(),
-                    f"error: {type(e).__name__}: {e}",
-                    gr.update(),
-                )
+                problem = e if isinstance(e, RlftError) else f"{type(e).__name__}: {e}"
+                return gr.update(), gr.update(), gr.update(), gr.update(), f"error: {problem}", gr.update()
             new = studio.current
             return (
                 studio.enlarge(shown),
