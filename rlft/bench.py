@@ -93,8 +93,25 @@ MODELS = {
         ],
     ),
     "toy_flow": ("a red circle left of a blue square", ["model=toy_flow", "sampler=flow_sde"]),
+    # GPU: SD3.5 Medium's published transformer and VAE, random weights (rlft/sd3.py
+    # build_random_sd35_medium), LoRA, bf16, 512 px, and one GPU's share of Flow-GRPO's PickScore
+    # epoch (experiment=grpo_sd35_pickscore: 1,152 images on 32 GPUs = 36 per GPU, 4 groups of 9,
+    # sampled and trained 9 at a time, 2 optimizer steps) with a reward that needs no download
+    "sd35_medium_random": (
+        "a cat",
+        [
+            "experiment=grpo_sd35_pickscore",
+            "reward=jpeg_compressibility",
+            "dataset=simple_animals",
+            "~dataset@eval_datasets.unseen",
+            "trainer.prompts_per_epoch=4",
+            "trainer.images_per_prompt=9",
+            "trainer.eval_num_prompts=4",
+            "trainer.eval_images_per_prompt=2",
+        ],
+    ),
 }
-FLOW_MODELS = ("tiny_random_sd3", "toy_flow")
+FLOW_MODELS = ("tiny_random_sd3", "toy_flow", "sd35_medium_random")
 
 
 def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int, flow: bool = False) -> dict[str, float]:
@@ -185,17 +202,29 @@ def run_case(model: str, algorithm: str, args) -> dict[str, float]:
     cache = Path(os.environ.get("RLFT_CACHE", Path.home() / ".cache" / "rlft"))
     prompt, groups = MODELS[model]
     family, options = SD3Policy if model in FLOW_MODELS else DiffusionPolicy, {}
+    finetune, dtype = "full", torch.float32
     if model in ("tiny_random", "tiny_random_sd3"):
         path = ensure_built(
             cache / f"{model}_v1", build_tiny_random if model == "tiny_random" else build_tiny_random_sd3
         )
         options = {"max_sequence_length": 16} if model == "tiny_random_sd3" else {}
+    elif model == "sd35_medium_random":
+        from functools import partial
+
+        from rlft.sd3 import build_random_sd35_medium
+
+        half = "bfloat16" if torch.cuda.is_available() else "float32"
+        path = ensure_built(cache / f"{model}_v1", partial(build_random_sd35_medium, dtype=half))
+        groups = [*groups, f"model.path={path}"]
+        finetune, dtype = "lora", getattr(torch, half)
+        options = {"resolution": args.resolution}
+        groups = [*groups, f"model.resolution={options['resolution']}"]
     elif model == "toy_flow":
         path, options = WEIGHTS.parent / "flow_weights", {"max_sequence_length": 1}
     else:
         path = WEIGHTS
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = family.from_pretrained(str(path), finetune="full", **options).to(device)
+    policy = family.from_pretrained(str(path), finetune=finetune, **options).to(device, dtype)
     results = bench_rollout(policy, prompt, args.steps, args.batch, args.repeat, flow=model in FLOW_MODELS)
     del policy
     with tempfile.TemporaryDirectory() as tmp:
@@ -209,6 +238,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--resolution", type=int, default=512, help="image side of sd35_medium_random (px)")
     parser.add_argument(
         "--cases",
         default="tiny_random:ddpo,toy:ddpo,toy_flow:ddpo,toy:prdp,toy:pxpo,tiny_random_sd3:grpo",
@@ -227,7 +257,7 @@ def main() -> None:
     print("each case runs in its own process, so that its peak memory is its own")
     for case in args.cases.split(","):
         cmd = [sys.executable, "-m", "rlft.bench", "--case", case, f"--steps={args.steps}", f"--batch={args.batch}"]
-        cmd.append(f"--repeat={args.repeat}")
+        cmd += [f"--repeat={args.repeat}", f"--resolution={args.resolution}"]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             print(f"\n{case}: failed\n{done.stderr[-2000:]}")
@@ -235,7 +265,8 @@ def main() -> None:
         results = json.loads(done.stdout.strip().splitlines()[-1])
         model, algorithm = case.split(":")
         denoiser = "transformer" if model in FLOW_MODELS else "UNet"
-        print(f"\nmodel={model} algorithm={algorithm} (full {denoiser} finetuning)")
+        kind = "LoRA on the transformer, bf16" if model == "sd35_medium_random" else f"full {denoiser} finetuning"
+        print(f"\nmodel={model} algorithm={algorithm} ({kind})")
         width = max(len(k) for k in results)
         for key, value in results.items():
             print(f"  {key:<{width}}  {value:10.3f}   {KEYS.get(key, '')}")

@@ -130,11 +130,23 @@ class DiffusionPolicy:
 
     # ------------------------------------------------------------------ use
     def to(self, device, dtype: torch.dtype = torch.float32) -> DiffusionPolicy:
-        """Frozen parts in ``dtype`` (half precision on GPU); the UNet stays fp32 (autocast does the rest)."""
+        """Frozen parts in ``dtype`` (half precision on GPU), the denoiser as :meth:`_denoiser_to` puts it."""
         self.text_encoder.to(device, dtype=dtype)
         self.vae.to(device, dtype=dtype)
-        self.unet.to(device)
+        self._denoiser_to(device, dtype)
         return self
+
+    def _denoiser_to(self, device, dtype: torch.dtype) -> None:
+        """What trains stays fp32 (autocast computes in ``dtype``): the whole denoiser for full finetuning;
+        with LoRA the frozen base weights go to ``dtype`` and the adapters alone stay fp32 (as
+        ddpo-pytorch and Flow-GRPO keep them), which halves the denoiser's memory in half precision."""
+        if self.finetune != "lora" or dtype == torch.float32:
+            self.unet.to(device)
+            return
+        from diffusers.training_utils import cast_training_params
+
+        self.unet.to(device, dtype=dtype)
+        cast_training_params(self.unet, dtype=torch.float32)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

@@ -127,7 +127,7 @@ class SD3Policy(DiffusionPolicy):
                 dtype=torch.bfloat16 if dtype == torch.float16 and encoder is self.pipe.text_encoder_3 else dtype,
             )
         self.vae.to(device, dtype=dtype)
-        self.unet.to(device)
+        self._denoiser_to(device, dtype)
         return self
 
     @property
@@ -257,6 +257,95 @@ def build_tiny_random_sd3(path: str, seed: int = 0, resolution: int = 32) -> Non
         text_encoder_2=clip(12),
         tokenizer_2=tokenizer,
         text_encoder_3=t5,
+        tokenizer_3=t5_tokenizer,
+    ).save_pretrained(out)
+    shutil.rmtree(out / "_tok_src", ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- random SD3.5 Medium
+
+# stabilityai/stable-diffusion-3.5-medium's transformer/config.json and vae/config.json (diffusers
+# layout): a 24-block MMDiT of width 24 x 64 = 1536 with dual attention in blocks 0-12 and RMS
+# QK-norm, 2x2 patches over 16-channel latents; an 8x VAE with scaling 1.5305 and shift 0.0609
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+SD35_MEDIUM_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    latent_channels=16, norm_num_groups=32, sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609,
+    use_quant_conv=False, use_post_quant_conv=False,
+)  # fmt: skip
+# the text encoders' published widths (CLIP ViT-L/14, OpenCLIP bigG/14, T5 v1.1 XXL): what the
+# transformer reads; their depth only changes the cost of encoding a prompt
+SD35_TEXT_WIDTHS = {"clip_l": (768, 12, 3072), "clip_g": (1280, 20, 5120), "t5": (4096, 64, 10240)}
+
+
+def build_random_sd35_medium(
+    path: str, seed: int = 0, num_layers: int | None = None, text_layers: int = 2, dtype: str = "float32"
+) -> None:
+    """Write a random-initialised pipeline of Stable Diffusion 3.5 Medium's published configuration.
+
+    The transformer and the VAE are the published ones (``SD35_MEDIUM_TRANSFORMER``, 2.5B parameters
+    with ``num_layers`` None; fewer blocks for a quick check) and SD3.5's scheduler (shift 3); the
+    three text encoders keep their published widths (what the transformer sees: 4096-wide tokens and
+    a 2048-wide pooled vector) with ``text_layers`` layers each and character-level tokenizers, since
+    only their depth is left out. Built on the GPU where there is one, saved in ``dtype``. For speed
+    and memory checks of the real architecture without a download (``make bench``'s sd35_medium_random
+    case); it draws noise."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from rlft.models import _char_bpe_tokenizer
+
+    torch.manual_seed(seed)
+    out = Path(path)
+    tokenizer = _char_bpe_tokenizer(out / "_tok_src", max_length=77)
+    t5_tokenizer = _t5_char_tokenizer(max_length=256)
+
+    def clip(name: str):
+        width, heads, ff = SD35_TEXT_WIDTHS[name]
+        return CLIPTextModelWithProjection(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=ff, num_hidden_layers=text_layers,
+                num_attention_heads=heads, max_position_embeddings=77, projection_dim=width,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )  # fmt: skip
+
+    width, heads, ff = SD35_TEXT_WIDTHS["t5"]
+    config = dict(SD35_MEDIUM_TRANSFORMER)
+    if num_layers is not None:
+        config["num_layers"] = num_layers
+        config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < num_layers)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        parts = dict(
+            transformer=SD3Transformer2DModel(**config),
+            vae=AutoencoderKL(**SD35_MEDIUM_VAE),
+            text_encoder=clip("clip_l"),
+            text_encoder_2=clip("clip_g"),
+            text_encoder_3=T5EncoderModel(
+                T5Config(
+                    vocab_size=len(t5_tokenizer), d_model=width, d_kv=64, d_ff=ff, num_layers=text_layers,
+                    num_heads=heads, feed_forward_proj="gated-gelu", is_gated_act=True,
+                )
+            ),
+        )  # fmt: skip
+    for module in parts.values():
+        module.to(getattr(torch, dtype))
+    StableDiffusion3Pipeline(
+        **parts,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
         tokenizer_3=t5_tokenizer,
     ).save_pretrained(out)
     shutil.rmtree(out / "_tok_src", ignore_errors=True)

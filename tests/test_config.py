@@ -330,3 +330,20 @@ def test_pickscore_presets_use_prdps_scale():
     assert _compose(["reward=pickscore", "model=sd14"]).reward.scale == "logit"  # PickScore's own, by default
     ddpo = _compose(["experiment=ddpo_compressibility"])
     assert ddpo.model.path == "CompVis/stable-diffusion-v1-4" and ddpo.trainer.gradient_accumulation_steps == 2
+
+
+def test_bench_cases_compose():
+    """Every `make bench` case is a valid run config; the GPU case is one GPU's share of Flow-GRPO's
+    PickScore epoch (experiment=grpo_sd35_pickscore) with LoRA at 512 px and the JPEG reward."""
+    from rlft.bench import MODELS
+    from rlft.config import compose_run
+
+    for name, (_, groups) in MODELS.items():
+        compose_run([*groups, "algorithm=grpo" if "sd3" in name else "algorithm=ddpo"])
+    cfg = compose_run([*MODELS["sd35_medium_random"][1], "model.resolution=512"])
+    t, s, a = cfg.trainer, cfg.sampler, cfg.algorithm
+    assert cfg.model.finetune == "lora" and (cfg.model.lora_rank, cfg.model.lora_alpha) == (32, 64.0)
+    assert (t.prompts_per_epoch * t.images_per_prompt, t.images_per_prompt, t.train_batch_size) == (36, 9, 9)
+    assert (s.num_steps, s.guidance_scale, s.noise_level, t.mixed_precision) == (10, 4.5, 0.7, "bf16")
+    assert (a.clip_range, a._target_) == (1e-4, "rlft.algorithms.grpo.GRPO")
+    assert cfg.reward._target_ == "rlft.rewards.jpeg.JpegCompressibility"
