@@ -29,7 +29,8 @@ Timesteps are the scheduler's floats (sigma x 1000); a step is located by its in
 sampler's timesteps, so a row's timestep may be any of them (the learner replays steps in any
 order). The resolution-dependent shift is the policy's to give: a scheduler config with
 ``use_dynamic_shifting`` must carry ``mu`` for the policy's latent size (``shift_mu``), which the
-sampler passes to ``set_timesteps`` as diffusers' pipelines do.
+sampler passes to ``set_timesteps`` as diffusers' pipelines do; ``sigmas: "linspace"`` there asks for
+the unshifted sigmas 1, ..., 1/N that FLUX's pipeline passes (SD3's takes the scheduler's own).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
@@ -127,6 +129,9 @@ class FlowSDE(Sampler):
     def make_scheduler(self, scheduler_config) -> FlowMatchEulerDiscreteScheduler:
         config = dict(scheduler_config)
         self.mu = config.pop("mu", None)
+        self.sigmas = config.pop("sigmas", None)  # "linspace": the policy's pipeline passes its own sigmas
+        if self.sigmas not in (None, "linspace"):
+            raise ValueError(f"unknown sigmas schedule {self.sigmas!r} in the policy's scheduler_config")
         if config.get("use_dynamic_shifting", False) and self.mu is None:
             raise ConfigError(
                 "model",
@@ -137,7 +142,10 @@ class FlowSDE(Sampler):
         return FlowMatchEulerDiscreteScheduler.from_config(config)
 
     def set_timesteps(self) -> None:
-        self.scheduler.set_timesteps(self.num_steps, mu=self.mu if self.scheduler.config.use_dynamic_shifting else None)
+        n = self.num_steps  # FLUX's pipelines: sigmas 1, ..., 1/n before the shift (the scheduler's own: 1 ... 1e-3)
+        sigmas = np.linspace(1.0, 1 / n, n) if self.sigmas == "linspace" else None
+        mu = self.mu if self.scheduler.config.use_dynamic_shifting else None
+        self.scheduler.set_timesteps(n, sigmas=sigmas, mu=mu)
         self._timesteps_on = {}
 
     def step_index(self, t: Tensor, n: int) -> Tensor:

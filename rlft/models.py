@@ -344,9 +344,9 @@ def load_pipeline(
 
 
 def policy_class(path: str, pipeline: str | None = None) -> type:
-    """The policy family of a pipeline: SD3Policy for Stable Diffusion 3, else DiffusionPolicy. The class
-    is ``pipeline`` when given (an export records it), else the one model_index.json names (a local
-    directory, or the hub's or the cache's copy of it)."""
+    """The policy family of a pipeline: SD3Policy for Stable Diffusion 3, FluxPolicy for FLUX, else
+    DiffusionPolicy. The class is ``pipeline`` when given (an export records it), else the one
+    model_index.json names (a local directory, or the hub's or the cache's copy of it)."""
     if pipeline is None:
         index = Path(path).expanduser() / "model_index.json"
         if index.is_file():
@@ -362,6 +362,10 @@ def policy_class(path: str, pipeline: str | None = None) -> type:
         from rlft.sd3 import SD3Policy
 
         return SD3Policy
+    if pipeline.startswith("Flux"):
+        from rlft.flux import FluxPolicy
+
+        return FluxPolicy
     return DiffusionPolicy
 
 

@@ -57,7 +57,8 @@ class SD3Policy(DiffusionPolicy):
     ):
         self.pipe = pipe  # its encode_prompt; it holds no weights of its own
         self.tokenizer, self.text_encoder = pipe.tokenizer, pipe.text_encoder
-        self.text_encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3) if e is not None]
+        encoders = (getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3"))
+        self.text_encoders = [e for e in encoders if e is not None]
         for encoder in self.text_encoders:
             encoder.requires_grad_(False).eval()
         self.vae = pipe.vae.requires_grad_(False).eval()
@@ -66,16 +67,16 @@ class SD3Policy(DiffusionPolicy):
             pipe.transformer, finetune, lora_rank, lora_alpha, lora_target_modules, gradient_checkpointing
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        cfg = pipe.transformer.config
-        self.resolution = resolution or cfg.sample_size * self.vae_scale_factor
+        cfg, patch = pipe.transformer.config, self.token_patch(pipe.transformer.config)
+        self.resolution = resolution or (cfg.get("sample_size") or self.default_sample_size) * self.vae_scale_factor
         side = self.resolution // self.vae_scale_factor
-        if self.resolution % (self.vae_scale_factor * cfg.patch_size):
+        if self.resolution % (self.vae_scale_factor * patch):
             raise ConfigError(
                 "model.resolution",
-                f"{self.resolution} px is not a multiple of {self.vae_scale_factor * cfg.patch_size} "
-                f"(the VAE factor {self.vae_scale_factor} x the transformer's patch size {cfg.patch_size})",
+                f"{self.resolution} px is not a multiple of {self.vae_scale_factor * patch} "
+                f"(the VAE factor {self.vae_scale_factor} x the transformer's patch size {patch})",
             )
-        if side > cfg.pos_embed_max_size * cfg.patch_size:
+        if cfg.get("pos_embed_max_size") and side > cfg.pos_embed_max_size * patch:
             raise ConfigError(
                 "model.resolution",
                 f"{self.resolution} px is larger than the transformer's position embedding covers",
@@ -83,7 +84,14 @@ class SD3Policy(DiffusionPolicy):
             )
         self.max_sequence_length = max_sequence_length
         if self.scheduler_config.get("use_dynamic_shifting"):  # the shift for this resolution, as the pipeline's
-            self.scheduler_config["mu"] = shift_mu(self.scheduler_config, (side // cfg.patch_size) ** 2)
+            self.scheduler_config["mu"] = shift_mu(self.scheduler_config, (side // patch) ** 2)
+
+    default_sample_size = 128  # latent side when the transformer's config names none (FLUX's pipeline's)
+
+    @staticmethod
+    def token_patch(config) -> int:
+        """Latent pixels per side of one image token: the transformer's patch size."""
+        return config.patch_size
 
     @classmethod
     def from_pretrained(
@@ -102,12 +110,12 @@ class SD3Policy(DiffusionPolicy):
     ) -> SD3Policy:
         """Load a ``StableDiffusion3Pipeline`` from the hub or a local directory (see rlft/models.py)."""
         pipe = load_pipeline(path, revision, variant, builder, **_left_out(path))
-        if any(getattr(pipe, name, None) is None for name in SD3_PARTS):
+        if not _is_family(pipe, "StableDiffusion3Pipeline", SD3_PARTS):
             raise ConfigError(
                 "model",
                 f"'{path}' holds a {type(pipe).__name__}, not an SD3 pipeline with {', '.join(SD3_PARTS)}",
-                "model=sd35_medium and tiny_random_sd3 load SD3 pipelines; model=sd14, sd15, toy and "
-                "tiny_random load UNet pipelines",
+                "model=sd35_medium and tiny_random_sd3 load SD3 pipelines; model=flux_dev and tiny_random_flux "
+                "FLUX ones; model=sd14, sd15, toy and tiny_random UNet pipelines",
             )
         return cls(
             pipe,
@@ -124,7 +132,7 @@ class SD3Policy(DiffusionPolicy):
         for encoder in self.text_encoders:  # T5 overflows in fp16: bf16 instead
             encoder.to(
                 device,
-                dtype=torch.bfloat16 if dtype == torch.float16 and encoder is self.pipe.text_encoder_3 else dtype,
+                dtype=torch.bfloat16 if dtype == torch.float16 and encoder.config.model_type == "t5" else dtype,
             )
         self.vae.to(device, dtype=dtype)
         self._denoiser_to(device, dtype)
@@ -161,23 +169,26 @@ class SD3Policy(DiffusionPolicy):
         return {"resolution": self.resolution, "max_sequence_length": self.max_sequence_length}
 
     def save_export(self, out: Path, scheduler) -> str:
-        """The LoRA adapter in diffusers' SD3 layout, or the whole pipeline with ``scheduler``."""
-        from diffusers import StableDiffusion3Pipeline
-
+        """The LoRA adapter in diffusers' layout for the pipeline's transformer, or the whole pipeline
+        with ``scheduler``."""
+        pipeline = type(self.pipe)
         if self.finetune == "lora":
             layers, metadata = self._lora_layers()
-            StableDiffusion3Pipeline.save_lora_weights(
-                out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
-            )
+            pipeline.save_lora_weights(out, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata)
             return "lora"
         parts = {k: getattr(self.pipe, k) for k in self.pipe.components}
-        StableDiffusion3Pipeline(
-            **{**parts, "transformer": _unwrap(self.unet), "scheduler": scheduler}
-        ).save_pretrained(out)
+        pipeline(**{**parts, "transformer": _unwrap(self.unet), "scheduler": scheduler}).save_pretrained(out)
         return "full"
 
     def load_lora(self, directory: Path, weight_name: str, scheduler) -> None:
         self.pipe.load_lora_weights(str(directory), weight_name=weight_name)  # into pipe.transformer, our unet
+
+
+def _is_family(pipe, pipeline_class: str, parts: tuple[str, ...]) -> bool:
+    """``pipe`` is a ``pipeline_class`` (or its variant, e.g. StableDiffusion3Img2ImgPipeline) with ``parts``."""
+    family = pipeline_class.removesuffix("Pipeline")
+    named = type(pipe).__name__.startswith(family)
+    return named and all(getattr(pipe, name, None) is not None for name in parts)
 
 
 def _left_out(path: str) -> dict:

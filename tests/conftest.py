@@ -91,18 +91,36 @@ def tiny_sd3_policy(tiny_sd3_path):
     return SD3Policy.from_pretrained(str(tiny_sd3_path), finetune="full", max_sequence_length=16)
 
 
-@pytest.fixture(params=["unet", "sd3"])
+@pytest.fixture(scope="session")
+def tiny_flux_path(cache_dir) -> Path:
+    from rlft.flux import build_tiny_random_flux
+    from rlft.models import ensure_built
+
+    return ensure_built(cache_dir / "tiny_random_flux_v1", build_tiny_random_flux)  # model=tiny_random_flux's path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_policy(tiny_flux_path):
+    from rlft.flux import FluxPolicy
+
+    torch.manual_seed(0)
+    return FluxPolicy.from_pretrained(str(tiny_flux_path), finetune="full", max_sequence_length=16, resolution=32)
+
+
+@pytest.fixture(params=["unet", "sd3", "flux"])
 def family(request):
     """(policy, sampler(num_steps)) of each model family: the tiny SD UNet with DDIM (eta 1), the tiny SD3
-    with the flow SDE (a 0.7); the algorithms' identities hold on both."""
+    with the flow SDE (a 0.7, CFG 4.5), the tiny FLUX with the flow SDE (its distilled guidance, no CFG
+    batch); the algorithms' identities hold on all three."""
     from rlft.flow_sampling import FlowSDE
     from rlft.sampling import DDIM
 
     if request.param == "unet":
         policy = request.getfixturevalue("tiny_policy")
         return policy, lambda n: DDIM(n, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
-    policy = request.getfixturevalue("tiny_sd3_policy")
-    return policy, lambda n: FlowSDE(n, noise_level=0.7, guidance_scale=4.5).setup(policy.scheduler_config)
+    policy = request.getfixturevalue(f"tiny_{request.param}_policy")
+    w = 4.5 if request.param == "sd3" else 1.0
+    return policy, lambda n: FlowSDE(n, noise_level=0.7, guidance_scale=w).setup(policy.scheduler_config)
 
 
 # Subprocess time limits scale with RLFT_TEST_TIMEOUT_SCALE (default 3: generous for a loaded 2-core

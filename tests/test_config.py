@@ -21,6 +21,9 @@ def _compose(overrides: list[str]):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 
+FLOW_MODELS = ("sd35_medium", "tiny_random_sd3", "toy_flow", "flux_dev", "tiny_random_flux")
+
+
 def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
@@ -34,9 +37,15 @@ def test_every_option_composes_and_validates(group, tmp_path):
         overrides = [f"{group}={option}"]
         if group == "dataset" and option == "file":
             overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
-        if group == "model" and option in ("sd14", "sd15", "sd35_medium"):
+        if group == "model" and option in ("sd14", "sd15", "sd35_medium", "flux_dev"):
             overrides.append("reward=jpeg_compressibility")
-        if group == "model" and option in ("sd35_medium", "tiny_random_sd3", "toy_flow"):
+        if group == "model" and option in (
+            "sd35_medium",
+            "tiny_random_sd3",
+            "toy_flow",
+            "flux_dev",
+            "tiny_random_flux",
+        ):
             overrides.append("sampler=flow_sde")  # a flow model takes a flow sampler
         if group == "sampler" and option == "flow_sde":
             overrides.append("model=tiny_random_sd3")

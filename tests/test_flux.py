@@ -1,0 +1,139 @@
+"""FLUX.1 (rlft/flux.py) on a tiny random pipeline in the published layout: it samples exactly like
+FluxPipeline (distilled guidance, and true CFG on top), refuses what it cannot load with the fix, and
+every algorithm trains it through the unchanged runner; the exports load in plain diffusers. The
+algorithms' gradient identities run on it through conftest's ``family`` fixture."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from rlft.errors import ConfigError
+from rlft.flow_sampling import FlowODE
+from rlft.flux import FluxPolicy
+from tests.conftest import read_metrics, run_cli_batch, run_process
+
+
+def _pipeline_latents(pipe, prompts, noise, steps, **kwargs):
+    """FluxPipeline's final latents from x_T = ``noise`` [B, C, h, w] (packed in, unpacked out)."""
+    b, c, h, w = noise.shape
+    packed = type(pipe)._pack_latents(noise, b, c, h, w)
+    out = pipe(
+        prompts, latents=packed, num_inference_steps=steps, height=32, width=32, max_sequence_length=16,
+        output_type="latent", **kwargs,
+    ).images  # fmt: skip
+    return type(pipe)._unpack_latents(out, 32, 32, pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_sampling_matches_the_published_pipeline(tiny_flux_path, cfg):
+    """flow_ode + the policy from x_T == FluxPipeline's latents: the distilled guidance 3.5 alone
+    (sampler.guidance_scale 1), and with true classifier-free guidance 2 on top (the pipeline's
+    true_cfg_scale with the empty negative prompt). FLUX's sigmas 1, ..., 1/N shifted by mu."""
+    from diffusers import FluxPipeline
+
+    policy = FluxPolicy.from_pretrained(str(tiny_flux_path), finetune="full", max_sequence_length=16, resolution=32)
+    assert policy.latent_shape == (4, 8, 8) and policy.scheduler_config["use_dynamic_shifting"]
+    sampler = FlowODE(num_steps=4, guidance_scale=cfg).setup(policy.scheduler_config)
+    prompts = ["a red circle", "two cats"]
+    cond = policy.encode(prompts)
+    assert cond.inputs["encoder_hidden_states"].shape == (2, 16, 32)  # T5's 16 tokens
+    assert cond.inputs["pooled_projections"].shape == (2, 16) and cond.negative["pooled_projections"].shape == (1, 16)
+    noise = torch.randn(2, 5, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traj = sampler.sample(policy, cond, noise, lambda lp: lp.mean(dim=(1, 2, 3)))
+    pipe = FluxPipeline.from_pretrained(str(tiny_flux_path), local_files_only=True)
+    extra = {"negative_prompt": ["", ""], "true_cfg_scale": cfg} if cfg > 1 else {}
+    want = _pipeline_latents(pipe, prompts, noise[:, 0], 4, guidance_scale=3.5, **extra)
+    torch.testing.assert_close(traj.latents[:, -1], want, rtol=1e-5, atol=1e-5)
+    # the pipeline's schedule: mu for 16 tokens, sigmas 1, 3/4, 1/2, 1/4 before the shift
+    e = math.exp(policy.scheduler_config["mu"])
+    shifted = [e / (e + (1 / s - 1)) for s in (1.0, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(sampler.scheduler.sigmas[:4].double(), torch.tensor(shifted, dtype=torch.float64))
+    assert traj.images.shape == (2, 3, 32, 32) and not traj.stochastic.any()
+
+
+def test_bad_flux_inputs_say_what_to_set(tiny_flux_path, tiny_sd3_path):
+    with pytest.raises(ConfigError, match="model.resolution: 36 px is not a multiple of 8"):  # VAE 4 x packing 2
+        FluxPolicy.from_pretrained(str(tiny_flux_path), resolution=36)
+    with pytest.raises(ConfigError, match="not a FLUX pipeline"):  # it has every part FLUX has, named alike
+        FluxPolicy.from_pretrained(str(tiny_sd3_path))
+    from rlft.sd3 import SD3Policy
+
+    with pytest.raises(ConfigError, match="holds a FluxPipeline, not an SD3 pipeline"):
+        SD3Policy.from_pretrained(str(tiny_flux_path))
+
+
+FLUX_FAST = [
+    "model=tiny_random_flux",
+    "sampler=flow_sde",
+    "sampler.num_steps=4",
+    "sampler.guidance_scale=1",
+    "reward=jpeg_compressibility",
+    "dataset=simple_animals",
+    "~dataset@eval_datasets.unseen",
+    "trainer.epochs=1",
+    "trainer.eval_every=1",
+    "trainer.eval_num_prompts=2",
+    "trainer.prompts_per_epoch=2",
+    "trainer.images_per_prompt=4",
+    "trainer.train_batch_size=4",
+    "trainer.gradient_accumulation_steps=1",
+    "trainer.log_images=0",
+    "optimizer.lr=1e-2",
+]
+
+
+def test_every_algorithm_trains_flux_through_the_runner_and_the_export_leaves_rlft(cache_dir, tiny_flux_path, tmp_path):
+    """DDPO (LoRA, and full), PRDP, GRPO and PXPO (toy_color's per-pixel map) each take an epoch on the
+    tiny FLUX through the unchanged runner; the exports load in plain diffusers (FluxPipeline, the
+    adapter by load_lora_weights) and draw, by the Euler ODE from the same x_T, what rlft draws."""
+    from diffusers import FluxPipeline
+
+    from rlft.sample import generate, load_model
+
+    root = tmp_path / "runs"
+    cases = {
+        "ddpo_lora": ["algorithm=ddpo", "model.finetune=lora", "model.lora_alpha=8"],
+        "ddpo_full": ["algorithm=ddpo"],
+        "prdp": ["algorithm=prdp"],
+        "grpo": ["algorithm=grpo"],
+        "pxpo": ["algorithm=pxpo", "reward=toy_color", "dataset=toy_small", "~eval_rewards.toy_alignment"],
+    }
+    results = run_cli_batch(
+        [[f"paths.output_root={root}", f"run_name={n}", *FLUX_FAST, *a] for n, a in cases.items()], cache_dir
+    )
+    for name, r in zip(cases, results):
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        train = next(row for row in read_metrics(root / name) if "train/loss" in row)
+        assert train["train/grad_norm"] > 0 and math.isfinite(train["train/loss"]), (name, train)
+        assert (root / name / "checkpoints" / "epoch_00001").is_dir()
+
+    prompts = ["a cat", "a dog"]
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    base = FluxPipeline.from_pretrained(str(cache_dir / "tiny_random_flux_v1"))
+    before = _pipeline_latents(base, prompts, noise, 4, guidance_scale=3.5)
+    for name in ("ddpo_lora", "ddpo_full"):
+        out = tmp_path / f"export_{name}"
+        done = run_process([sys.executable, "-m", "rlft.export", str(root / name), str(out)], cache_dir, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "FluxPipeline" in done.stdout or "load_lora_weights" in done.stdout, done.stdout
+        policy, settings = load_model(str(root / name))
+        assert isinstance(policy, FluxPolicy) and settings["guidance_scale"] == 1
+        sampler = FlowODE(num_steps=4, guidance_scale=1.0).setup(policy.scheduler_config)
+        with torch.no_grad():
+            cond = policy.encode(prompts)
+            ours = sampler.sample(policy, cond, noise[:, None].expand(-1, 5, -1, -1, -1), lambda lp: lp.mean((1, 2, 3)))
+        if name == "ddpo_lora":
+            pipe = FluxPipeline.from_pretrained(str(cache_dir / "tiny_random_flux_v1"))
+            pipe.load_lora_weights(str(out))
+        else:
+            pipe = FluxPipeline.from_pretrained(str(out))
+        plain = _pipeline_latents(pipe, prompts, noise, 4, guidance_scale=3.5)
+        assert (plain - before).abs().max() > 1e-3, name  # the export carries the finetuned weights
+        torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
+        # rlft.sample reads the export as it reads the run
+        assert torch.equal(generate(out, prompts)[0], generate(root / name, prompts)[0])
