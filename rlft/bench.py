@@ -106,6 +106,7 @@ MODELS = {
             "~dataset@eval_datasets.unseen",
             "trainer.prompts_per_epoch=4",
             "trainer.images_per_prompt=9",
+            "trainer.gradient_accumulation_steps=2",
             "trainer.eval_num_prompts=4",
             "trainer.eval_images_per_prompt=2",
         ],
@@ -136,7 +137,7 @@ def bench_rollout(policy, prompt: str, steps: int, batch: int, repeat: int, flow
     def bare():
         scheduler.set_timesteps(steps)  # a flow scheduler counts its steps: start again
         g = torch.Generator().manual_seed(0)
-        x = torch.randn((batch, *policy.latent_shape), generator=g).to(device)
+        x = torch.randn((batch, *policy.latent_shape), generator=g).to(device, cond.dtype)  # as predict casts it
         guided = cond.guided()
         for t in scheduler.timesteps:
             u, c = policy.denoise(torch.cat([x, x]), t.expand(2 * batch).to(device), guided).chunk(2)
@@ -265,7 +266,9 @@ def main() -> None:
         results = json.loads(done.stdout.strip().splitlines()[-1])
         model, algorithm = case.split(":")
         denoiser = "transformer" if model in FLOW_MODELS else "UNet"
-        kind = "LoRA on the transformer, bf16" if model == "sd35_medium_random" else f"full {denoiser} finetuning"
+        kind = (
+            "LoRA on the transformer, bf16 on GPU" if model == "sd35_medium_random" else f"full {denoiser} finetuning"
+        )
         print(f"\nmodel={model} algorithm={algorithm} ({kind})")
         width = max(len(k) for k in results)
         for key, value in results.items():

@@ -50,6 +50,8 @@ class FluxPolicy(SD3Policy):
     the distilled guidance scale the transformer reads (FLUX.1-dev: 3.5; ignored by a transformer
     without a guidance embedding, FLUX.1-schnell); ``max_sequence_length``: T5 tokens (512)."""
 
+    default_guidance_scale = 1.0  # rlft.sample's sampler for a plain FLUX pipeline: no CFG batch, as the pipeline
+
     def __init__(self, pipe, guidance: float = 3.5, **options):
         super().__init__(pipe, **options)
         self.guidance = guidance

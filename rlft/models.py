@@ -47,6 +47,7 @@ class DiffusionPolicy:
     """Tokenizer, text encoder, UNet (trainable), VAE and scheduler config of one pipeline."""
 
     flow_matching = False  # a diffusion model: sampler=ddim or ddpm (a flow model: rlft/sd3.py)
+    default_guidance_scale: float | None = None  # the sampler's, where the family has its own (rlft/sample.py)
 
     def __init__(
         self,
@@ -362,7 +363,7 @@ def policy_class(path: str, pipeline: str | None = None) -> type:
         from rlft.sd3 import SD3Policy
 
         return SD3Policy
-    if pipeline.startswith("Flux"):
+    if pipeline == "FluxPipeline":
         from rlft.flux import FluxPolicy
 
         return FluxPolicy

@@ -83,10 +83,15 @@ def load_model(source: str):
         policy = policy_class(source, info.get("pipeline")).from_pretrained(source, finetune="full", **drawing)
     else:  # a plain pipeline: its family's default sampler (a flow model: the Euler ODE, as its pipeline)
         policy = policy_class(source).from_pretrained(source, finetune="full")
-        default = FlowODE() if policy.flow_matching else DDIM()
+        default = (FlowODE if policy.flow_matching else DDIM)(**_guidance(policy))
         settings = {**default.settings(), "seed": 0, "eval_seed": TrainerConfig().eval_seed}
     policy.unet.eval()
     return policy, settings
+
+
+def _guidance(policy) -> dict:
+    """The sampler's guidance scale where the family has its own (FLUX: 1, its guidance is distilled)."""
+    return {} if policy.default_guidance_scale is None else {"guidance_scale": policy.default_guidance_scale}
 
 
 def _sampler_part(settings: dict) -> dict:
@@ -125,7 +130,7 @@ def generate(source, prompts: list[str], images_per_prompt: int = 1, **overrides
         if family not in SAMPLERS:
             raise ConfigError("sampler", f"unknown sampler '{family}'", f"known: {', '.join(SAMPLERS)}")
         settings = {
-            **get_object(SAMPLERS[family])().settings(),
+            **get_object(SAMPLERS[family])(**_guidance(policy)).settings(),
             "seed": settings["seed"],
             "eval_seed": settings["eval_seed"],
         }

@@ -185,10 +185,9 @@ class SD3Policy(DiffusionPolicy):
 
 
 def _is_family(pipe, pipeline_class: str, parts: tuple[str, ...]) -> bool:
-    """``pipe`` is a ``pipeline_class`` (or its variant, e.g. StableDiffusion3Img2ImgPipeline) with ``parts``."""
-    family = pipeline_class.removesuffix("Pipeline")
-    named = type(pipe).__name__.startswith(family)
-    return named and all(getattr(pipe, name, None) is not None for name in parts)
+    """``pipe`` is a ``pipeline_class`` with ``parts`` (not a variant: FluxFillPipeline's transformer, say,
+    reads more input channels than its latents have)."""
+    return type(pipe).__name__ == pipeline_class and all(getattr(pipe, name, None) is not None for name in parts)
 
 
 def _left_out(path: str) -> dict:

@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from rlft.config import register_configs, validate
+from rlft.config import compose_run, register_configs, validate
 from rlft.errors import ConfigError
 from rlft.presets import follow_the_reward
 from tests.conftest import REPO, run_cli_batch
@@ -356,3 +356,27 @@ def test_bench_cases_compose():
     assert (s.num_steps, s.guidance_scale, s.noise_level, t.mixed_precision) == (10, 4.5, 0.7, "bf16")
     assert (a.clip_range, a._target_) == (1e-4, "rlft.algorithms.grpo.GRPO")
     assert cfg.reward._target_ == "rlft.rewards.jpeg.JpegCompressibility"
+
+
+@pytest.mark.parametrize(
+    "exp, processes, accumulation",
+    [("grpo_sd35_pickscore", 16, None), ("grpo_sd35_pickscore", 8, 8), ("grpo_sd35_pickscore", 1, 64),
+     ("grpo_flux_pickscore", 16, None), ("grpo_flux_pickscore", 8, 24), ("grpo_flux_pickscore", 48, 4)],
+)  # fmt: skip
+def test_flow_grpo_presets_keep_two_optimizer_steps_on_the_documented_process_counts(exp, processes, accumulation):
+    """Flow-GRPO's epoch (48 prompts x 24 images, 2 optimizer steps) on each launch the preset's header
+    names; the 32 processes Flow-GRPO used do not hold whole groups, and are refused with the reason."""
+    from hydra.utils import instantiate
+
+    from rlft.runner import BatchPlan
+
+    overrides = [f"experiment={exp}"] + (
+        [f"trainer.gradient_accumulation_steps={accumulation}"] if accumulation else []
+    )
+    cfg = compose_run(overrides)
+    plan = BatchPlan.derive(cfg, processes, instantiate(cfg.algorithm))
+    micro_batches = plan.samples_per_process // plan.train_batch_size
+    assert plan.samples_per_process * processes == 1152 and micro_batches % plan.gradient_accumulation_steps == 0
+    assert micro_batches // plan.gradient_accumulation_steps == 2
+    with pytest.raises(ConfigError, match="48 prompts do not split over 32 processes"):
+        BatchPlan.derive(cfg, 32, instantiate(cfg.algorithm))

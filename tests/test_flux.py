@@ -137,3 +137,6 @@ def test_every_algorithm_trains_flux_through_the_runner_and_the_export_leaves_rl
         torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
         # rlft.sample reads the export as it reads the run
         assert torch.equal(generate(out, prompts)[0], generate(root / name, prompts)[0])
+    # a plain FLUX pipeline is sampled as its own pipeline samples: the Euler ODE, no CFG batch
+    _, settings = load_model(str(tiny_flux_path))
+    assert settings["_target_"] == "rlft.flow_sampling.FlowODE" and settings["guidance_scale"] == 1.0
