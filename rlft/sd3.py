@@ -211,6 +211,20 @@ def _t5_char_tokenizer(max_length: int):
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
+def _random_clip(tokenizer, width: int, heads: int, ff: int, layers: int, projection_dim: int):
+    """A random CLIP text encoder with a projection (SD3's two), positions as many as the tokenizer's."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    return CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=ff, num_hidden_layers=layers,
+            num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=projection_dim, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+
+
 def build_tiny_random_sd3(path: str, seed: int = 0, resolution: int = 32) -> None:
     """Write a tiny random-initialised Stable Diffusion 3 pipeline (the published classes and layout).
 
@@ -223,7 +237,7 @@ def build_tiny_random_sd3(path: str, seed: int = 0, resolution: int = 32) -> Non
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     from rlft.models import _char_bpe_tokenizer
 
@@ -232,14 +246,7 @@ def build_tiny_random_sd3(path: str, seed: int = 0, resolution: int = 32) -> Non
     tokenizer = _char_bpe_tokenizer(out / "_tok_src", max_length=16)
 
     def clip(hidden: int):
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=16, projection_dim=8,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )  # fmt: skip
+        return _random_clip(tokenizer, hidden, heads=2, ff=2 * hidden, layers=2, projection_dim=8)
 
     t5_tokenizer = _t5_char_tokenizer(max_length=16)
     t5 = T5EncoderModel(
@@ -311,7 +318,7 @@ def build_random_sd35_medium(
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     from rlft.models import _char_bpe_tokenizer
 
@@ -322,14 +329,7 @@ def build_random_sd35_medium(
 
     def clip(name: str):
         width, heads, ff = SD35_TEXT_WIDTHS[name]
-        return CLIPTextModelWithProjection(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer), hidden_size=width, intermediate_size=ff, num_hidden_layers=text_layers,
-                num_attention_heads=heads, max_position_embeddings=77, projection_dim=width,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )  # fmt: skip
+        return _random_clip(tokenizer, width, heads=heads, ff=ff, layers=text_layers, projection_dim=width)
 
     width, heads, ff = SD35_TEXT_WIDTHS["t5"]
     config = dict(SD35_MEDIUM_TRANSFORMER)

@@ -11,6 +11,7 @@ Kernel and thread choices, to check that no result depends on them:
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -219,3 +220,25 @@ FAST = [
     "trainer.log_images=4",
     "model.finetune=full",
 ]
+
+
+# Every algorithm for one epoch on a flow model (tests/test_sd3.py, tests/test_flux.py): DDPO with LoRA
+# and full, PRDP, GRPO, and PXPO on toy_color's per-pixel map
+EVERY_ALGORITHM = {
+    "ddpo_lora": ["algorithm=ddpo", "model.finetune=lora", "model.lora_alpha=8"],
+    "ddpo_full": ["algorithm=ddpo"],
+    "prdp": ["algorithm=prdp"],
+    "grpo": ["algorithm=grpo"],
+    "pxpo": ["algorithm=pxpo", "reward=toy_color", "dataset=toy_small", "~eval_rewards.toy_alignment"],
+}
+
+
+def train_every_algorithm(root: Path, fast: list[str], cache_dir: Path) -> None:
+    """Run EVERY_ALGORITHM through `python -m rlft` (one epoch with ``fast``) into ``root/<case>``; each
+    must finish, take a finite step with a gradient and write its checkpoint."""
+    runs = [[f"paths.output_root={root}", f"run_name={n}", *fast, *a] for n, a in EVERY_ALGORITHM.items()]
+    for name, r in zip(EVERY_ALGORITHM, run_cli_batch(runs, cache_dir)):
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        train = next(row for row in read_metrics(root / name) if "train/loss" in row)
+        assert train["train/grad_norm"] > 0 and math.isfinite(train["train/loss"]), (name, train)
+        assert (root / name / "checkpoints" / "epoch_00001").is_dir()
