@@ -33,7 +33,7 @@ from torch import Tensor
 from rlft.errors import ConfigError
 from rlft.models import _unwrap, load_pipeline
 from rlft.policy import Conditioning
-from rlft.sd3 import SD3Policy, _is_family, _t5_char_tokenizer
+from rlft.sd3 import SD3Policy, _is_family, _t5_char_tokenizer, load_options
 
 # Flow-GRPO's LoRA targets for FLUX (scripts/train_flux.py): both streams' attention and feed-forward
 FLUX_LORA_TARGETS = (
@@ -76,9 +76,11 @@ class FluxPolicy(SD3Policy):
         resolution: int | None = None,
         max_sequence_length: int = 512,
         guidance: float = 3.5,
+        load_dtype: Literal["bfloat16", "float16"] | None = None,
     ) -> FluxPolicy:
-        """Load a ``FluxPipeline`` from the hub or a local directory (see rlft/models.py)."""
-        pipe = load_pipeline(path, revision, variant, builder)
+        """Load a ``FluxPipeline`` from the hub or a local directory (see rlft/models.py); ``load_dtype``:
+        read the weights in half precision (rlft/sd3.py ``load_options``)."""
+        pipe = load_pipeline(path, revision, variant, builder, **load_options(finetune, load_dtype))
         if not _is_family(pipe, "FluxPipeline", FLUX_PARTS):
             raise ConfigError(
                 "model",

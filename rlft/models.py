@@ -87,6 +87,9 @@ class DiffusionPolicy:
                     target_modules=list(lora_target_modules),
                 )
             )
+            from diffusers.training_utils import cast_training_params
+
+            cast_training_params(denoiser, dtype=torch.float32)  # adapters fp32 on a half-precision base
         else:
             denoiser.requires_grad_(True)
         if gradient_checkpointing:
@@ -141,12 +144,12 @@ class DiffusionPolicy:
         """What trains stays fp32 (autocast computes in ``dtype``): the whole denoiser for full finetuning;
         with LoRA the frozen base weights go to ``dtype`` and the adapters alone stay fp32 (as
         ddpo-pytorch and Flow-GRPO keep them), which halves the denoiser's memory in half precision."""
-        if self.finetune != "lora" or dtype == torch.float32:
+        if self.finetune != "lora":
             self.unet.to(device)
             return
         from diffusers.training_utils import cast_training_params
 
-        self.unet.to(device, dtype=dtype)
+        self.unet.to(device, dtype=dtype)  # fp32 on CPU, whatever dtype the weights were read in
         cast_training_params(self.unet, dtype=torch.float32)
 
     @property

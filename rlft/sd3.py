@@ -107,9 +107,11 @@ class SD3Policy(DiffusionPolicy):
         builder: str | None = None,
         resolution: int | None = None,
         max_sequence_length: int = 256,
+        load_dtype: Literal["bfloat16", "float16"] | None = None,
     ) -> SD3Policy:
-        """Load a ``StableDiffusion3Pipeline`` from the hub or a local directory (see rlft/models.py)."""
-        pipe = load_pipeline(path, revision, variant, builder, **_left_out(path))
+        """Load a ``StableDiffusion3Pipeline`` from the hub or a local directory (see rlft/models.py);
+        ``load_dtype``: read the weights in half precision (``load_options``)."""
+        pipe = load_pipeline(path, revision, variant, builder, **_left_out(path), **load_options(finetune, load_dtype))
         if not _is_family(pipe, "StableDiffusion3Pipeline", SD3_PARTS):
             raise ConfigError(
                 "model",
@@ -182,6 +184,21 @@ class SD3Policy(DiffusionPolicy):
 
     def load_lora(self, directory: Path, weight_name: str, scheduler) -> None:
         self.pipe.load_lora_weights(str(directory), weight_name=weight_name)  # into pipe.transformer, our unet
+
+
+def load_options(finetune: str, load_dtype: str | None) -> dict:
+    """``torch_dtype`` for ``from_pretrained`` where the weights are read in half precision: a large
+    transformer (FLUX's 12B) then never sits in fp32 on the host. LoRA only: full finetuning keeps
+    fp32 master weights, so it is refused with the fix."""
+    if load_dtype is None:
+        return {}
+    if finetune != "lora":
+        raise ConfigError(
+            "model.load_dtype",
+            f"{load_dtype} weights cannot be finetuned in full (the optimizer needs fp32 master weights)",
+            "set model.load_dtype=null, or model.finetune=lora",
+        )
+    return {"torch_dtype": getattr(torch, load_dtype)}
 
 
 def _is_family(pipe, pipeline_class: str, parts: tuple[str, ...]) -> bool:

@@ -67,6 +67,27 @@ def test_bad_flux_inputs_say_what_to_set(tiny_flux_path, tiny_sd3_path):
         SD3Policy.from_pretrained(str(tiny_flux_path))
 
 
+def test_weights_read_in_half_precision_train_as_lora_in_fp32_on_cpu(tiny_flux_path):
+    """model.load_dtype=bfloat16 reads the transformer in bf16 (the 12B model never sits in fp32 on the
+    host); on CPU the policy computes in fp32 and only the adapters train; full finetuning is refused."""
+    policy = FluxPolicy.from_pretrained(
+        str(tiny_flux_path), finetune="lora", lora_rank=4, max_sequence_length=16, resolution=32, load_dtype="bfloat16"
+    )
+    assert policy.pipe.vae.dtype == torch.bfloat16 and {p.dtype for p in policy.trainable_parameters()} == {
+        torch.float32
+    }
+    assert any(p.dtype == torch.bfloat16 for p in policy.unet.parameters())
+    policy.to("cpu", torch.float32)
+    assert {p.dtype for p in policy.unet.parameters()} == {torch.float32}
+    cond = policy.encode(["a cat"])
+    sampler = FlowODE(num_steps=2, guidance_scale=1.0).setup(policy.scheduler_config)
+    with torch.no_grad():
+        traj = sampler.sample(policy, cond, torch.Generator().manual_seed(0), lambda lp: lp.mean(dim=(1, 2, 3)))
+    assert torch.isfinite(traj.images).all()
+    with pytest.raises(ConfigError, match="model.load_dtype: bfloat16 weights cannot be finetuned in full"):
+        FluxPolicy.from_pretrained(str(tiny_flux_path), finetune="full", load_dtype="bfloat16")
+
+
 FLUX_FAST = [
     "model=tiny_random_flux",
     "sampler=flow_sde",
