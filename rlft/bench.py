@@ -95,8 +95,9 @@ MODELS = {
     "toy_flow": ("a red circle left of a blue square", ["model=toy_flow", "sampler=flow_sde"]),
     # GPU: SD3.5 Medium's published transformer and VAE, random weights (rlft/sd3.py
     # build_random_sd35_medium), LoRA, bf16, 512 px, and one GPU's share of Flow-GRPO's PickScore
-    # epoch (experiment=grpo_sd35_pickscore: 1,152 images on 32 GPUs = 36 per GPU, 4 groups of 9,
-    # sampled and trained 9 at a time, 2 optimizer steps) with a reward that needs no download
+    # epoch (experiment=grpo_sd35_pickscore: Flow-GRPO's 1,152 images over its 32 GPUs = 36 per GPU,
+    # 4 groups of 9, sampled and trained 9 at a time, 2 optimizer steps) with a reward that needs no
+    # download
     "sd35_medium_random": (
         "a cat",
         [
@@ -216,10 +217,8 @@ def run_case(model: str, algorithm: str, args) -> dict[str, float]:
 
         half = "bfloat16" if torch.cuda.is_available() else "float32"
         path = ensure_built(cache / f"{model}_v1", partial(build_random_sd35_medium, dtype=half))
-        groups = [*groups, f"model.path={path}"]
-        finetune, dtype = "lora", getattr(torch, half)
-        options = {"resolution": args.resolution}
-        groups = [*groups, f"model.resolution={options['resolution']}"]
+        finetune, dtype, options = "lora", getattr(torch, half), {"resolution": args.resolution}
+        groups = [*groups, f"model.path={path}", f"model.resolution={args.resolution}"]
     elif model == "toy_flow":
         path, options = WEIGHTS.parent / "flow_weights", {"max_sequence_length": 1}
     else:

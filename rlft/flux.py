@@ -30,10 +30,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlft.errors import ConfigError
-from rlft.models import _unwrap, load_pipeline
+from rlft.models import _unwrap
 from rlft.policy import Conditioning
-from rlft.sd3 import SD3Policy, _is_family, _t5_char_tokenizer, load_options
+from rlft.sd3 import SD3Policy, _t5_char_tokenizer
 
 # Flow-GRPO's LoRA targets for FLUX (scripts/train_flux.py): both streams' attention and feed-forward
 FLUX_LORA_TARGETS = (
@@ -41,7 +40,6 @@ FLUX_LORA_TARGETS = (
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )  # fmt: skip
-FLUX_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 class FluxPolicy(SD3Policy):
@@ -50,6 +48,7 @@ class FluxPolicy(SD3Policy):
     the distilled guidance scale the transformer reads (FLUX.1-dev: 3.5; ignored by a transformer
     without a guidance embedding, FLUX.1-schnell); ``max_sequence_length``: T5 tokens (512)."""
 
+    family_name = "a FLUX"
     default_guidance_scale = 1.0  # rlft.sample's sampler for a plain FLUX pipeline: no CFG batch, as the pipeline
 
     def __init__(self, pipe, guidance: float = 3.5, **options):
@@ -80,14 +79,7 @@ class FluxPolicy(SD3Policy):
     ) -> FluxPolicy:
         """Load a ``FluxPipeline`` from the hub or a local directory (see rlft/models.py); ``load_dtype``:
         read the weights in half precision (rlft/sd3.py ``load_options``)."""
-        pipe = load_pipeline(path, revision, variant, builder, **load_options(finetune, load_dtype))
-        if not _is_family(pipe, "FluxPipeline", FLUX_PARTS):
-            raise ConfigError(
-                "model",
-                f"'{path}' holds a {type(pipe).__name__}, not a FLUX pipeline with {', '.join(FLUX_PARTS)}",
-                "model=flux_dev and tiny_random_flux load FLUX pipelines; model=sd35_medium SD3 ones; "
-                "model=sd14, sd15, toy and tiny_random UNet pipelines",
-            )
+        pipe = cls._load(path, revision, variant, builder, finetune, load_dtype)
         return cls(
             pipe,
             guidance=guidance,

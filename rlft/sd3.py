@@ -111,14 +111,7 @@ class SD3Policy(DiffusionPolicy):
     ) -> SD3Policy:
         """Load a ``StableDiffusion3Pipeline`` from the hub or a local directory (see rlft/models.py);
         ``load_dtype``: read the weights in half precision (``load_options``)."""
-        pipe = load_pipeline(path, revision, variant, builder, **_left_out(path), **load_options(finetune, load_dtype))
-        if not _is_family(pipe, "StableDiffusion3Pipeline", SD3_PARTS):
-            raise ConfigError(
-                "model",
-                f"'{path}' holds a {type(pipe).__name__}, not an SD3 pipeline with {', '.join(SD3_PARTS)}",
-                "model=sd35_medium and tiny_random_sd3 load SD3 pipelines; model=flux_dev and tiny_random_flux "
-                "FLUX ones; model=sd14, sd15, toy and tiny_random UNet pipelines",
-            )
+        pipe = cls._load(path, revision, variant, builder, finetune, load_dtype, **_left_out(path))
         return cls(
             pipe,
             finetune=finetune,
@@ -129,6 +122,22 @@ class SD3Policy(DiffusionPolicy):
             resolution=resolution,
             max_sequence_length=max_sequence_length,
         )
+
+    family_name = "an SD3"  # how an error names the family
+
+    @classmethod
+    def _load(cls, path, revision, variant, builder, finetune: str, load_dtype: str | None, **parts):
+        """The family's pipeline (``cls.pipeline_class`` exactly: a variant such as FluxFillPipeline reads
+        more input channels than its latents have) with SD3_PARTS, or one ConfigError with the fix."""
+        pipe = load_pipeline(path, revision, variant, builder, **parts, **load_options(finetune, load_dtype))
+        if type(pipe).__name__ != cls.pipeline_class or any(getattr(pipe, n, None) is None for n in SD3_PARTS):
+            raise ConfigError(
+                "model",
+                f"'{path}' holds a {type(pipe).__name__}, not {cls.family_name} pipeline with {', '.join(SD3_PARTS)}",
+                "model=sd35_medium and tiny_random_sd3 load SD3 pipelines; model=flux_dev and tiny_random_flux "
+                "FLUX ones; model=sd14, sd15, toy and tiny_random UNet pipelines",
+            )
+        return pipe
 
     def to(self, device, dtype: torch.dtype = torch.float32) -> SD3Policy:
         for encoder in self.text_encoders:  # T5 overflows in fp16: bf16 instead
@@ -199,12 +208,6 @@ def load_options(finetune: str, load_dtype: str | None) -> dict:
             "set model.load_dtype=null, or model.finetune=lora",
         )
     return {"torch_dtype": getattr(torch, load_dtype)}
-
-
-def _is_family(pipe, pipeline_class: str, parts: tuple[str, ...]) -> bool:
-    """``pipe`` is a ``pipeline_class`` with ``parts`` (not a variant: FluxFillPipeline's transformer, say,
-    reads more input channels than its latents have)."""
-    return type(pipe).__name__ == pipeline_class and all(getattr(pipe, name, None) is not None for name in parts)
 
 
 def _left_out(path: str) -> dict:

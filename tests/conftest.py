@@ -233,10 +233,19 @@ EVERY_ALGORITHM = {
 }
 
 
-def train_every_algorithm(root: Path, fast: list[str], cache_dir: Path) -> None:
-    """Run EVERY_ALGORITHM through `python -m rlft` (one epoch with ``fast``) into ``root/<case>``; each
-    must finish, take a finite step with a gradient and write its checkpoint."""
-    runs = [[f"paths.output_root={root}", f"run_name={n}", *fast, *a] for n, a in EVERY_ALGORITHM.items()]
+# one quick epoch of a tiny flow model: 2 prompts x 4 images, 4 flow-SDE steps, the JPEG reward
+FLOW_EPOCH = [
+    "sampler=flow_sde", "sampler.num_steps=4", "reward=jpeg_compressibility", "dataset=simple_animals",
+    "~dataset@eval_datasets.unseen", "trainer.epochs=1", "trainer.eval_every=1", "trainer.eval_num_prompts=2",
+    "trainer.prompts_per_epoch=2", "trainer.images_per_prompt=4", "trainer.train_batch_size=4",
+    "trainer.gradient_accumulation_steps=1", "trainer.log_images=0", "optimizer.lr=1e-2",
+]  # fmt: skip
+
+
+def train_every_algorithm(root: Path, model: list[str], cache_dir: Path) -> None:
+    """Run EVERY_ALGORITHM through `python -m rlft` (``model``'s overrides, one FLOW_EPOCH) into
+    ``root/<case>``; each must finish, take a finite step with a gradient and write its checkpoint."""
+    runs = [[f"paths.output_root={root}", f"run_name={n}", *model, *FLOW_EPOCH, *a] for n, a in EVERY_ALGORITHM.items()]
     for name, r in zip(EVERY_ALGORITHM, run_cli_batch(runs, cache_dir)):
         assert r.returncode == 0, (name, r.stderr[-3000:])
         train = next(row for row in read_metrics(root / name) if "train/loss" in row)
