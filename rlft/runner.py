@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from rlft import checkpoint as ckpt
+from rlft import sharding
 from rlft.algorithms.base import Algorithm, Rollout
 from rlft.checkpoint import COMPLETE_MARKER, CheckpointError
 from rlft.config import NaNPolicy, build
@@ -178,6 +179,7 @@ class Runner:
         self.accelerator = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available())
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
+        sharding.check(cfg, self.accelerator)  # FSDP (rlft/sharding.py): full finetuning only
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = t.allow_tf32
             torch.backends.cudnn.allow_tf32 = t.allow_tf32
@@ -241,6 +243,7 @@ class Runner:
             self.ema = EMAModel(self.params, decay=t.ema_decay)
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.policy.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
+        self.params = self.policy.trainable_parameters()  # FSDP swaps in sharded parameters
         self.run_state = _RunState(self)
         self.lock = ckpt.RunLock(self.run_dir)
         # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
@@ -273,10 +276,10 @@ class Runner:
         final = self.checkpoint_root / f"epoch_{self.epoch:05d}"
         tmp = final.with_name(final.name + ".tmp")
         self.accelerator.wait_for_everyone()
+        trainable, optimizer = sharding.gather(self.accelerator, self.policy, self.optimizer)  # every process
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            trainable = {k: v.detach().cpu().contiguous() for k, v in self.policy.trainable_state_dict().items()}
             ema = None
             if self.ema is not None:  # copies: on a CPU the state dict's tensors are the weights themselves
                 with self.ema_weights():
@@ -291,7 +294,7 @@ class Runner:
                 "ema": None if self.ema is None else {"optimization_step": self.ema.optimization_step},
             }
             try:
-                ckpt.write(tmp, trainable, self.optimizer.state_dict(), meta, ema)
+                ckpt.write(tmp, trainable, optimizer, meta, ema)
             except OSError as e:  # a full disk, a quota: the previous checkpoints stay as they were
                 shutil.rmtree(tmp, ignore_errors=True)
                 previous = self.latest_checkpoint()
@@ -309,8 +312,7 @@ class Runner:
         marker, trainable, optimizer = ckpt.read(checkpoint)
         self._check_same_config(checkpoint, marker)
         try:
-            self.policy.load_trainable_state_dict(trainable)
-            self.optimizer.load_state_dict(optimizer)
+            sharding.restore(self.accelerator, self.policy, self.optimizer, trainable, optimizer)
             if self.accelerator.scaler is not None and marker.get("scaler"):
                 self.accelerator.scaler.load_state_dict(marker["scaler"])
             self.run_state.load_state_dict(marker["state"])

@@ -1,6 +1,7 @@
 """Run at start-up by every Python process the tests start (tests/site is first on their PYTHONPATH):
 with RLFT_TEST_MKLDNN=0 (``pytest --mkldnn=off``), torch's oneDNN kernels are off there too; with
-RLFT_TEST_KILL_IN_BACKWARD_AFTER, the process kills itself inside a backward pass (tests/test_train.py)."""
+RLFT_TEST_KILL_IN_BACKWARD_AFTER, the process kills itself inside a backward pass (tests/test_train.py);
+with RLFT_TEST_FSDP_ON_CPU=1, accelerate shards with its FSDP config on a CPU too (tests/test_fsdp.py)."""
 
 import os
 
@@ -33,3 +34,21 @@ if os.environ.get("RLFT_TEST_KILL_IN_BACKWARD_AFTER"):
             sample.register_hook(_kill_in_backward)
 
     torch.nn.modules.module.register_module_forward_hook(_hook_unet_output)
+
+if os.environ.get("RLFT_TEST_FSDP_ON_CPU") == "1":
+    # tests/test_fsdp.py: accelerate turns its FSDP config into sharding only on accelerators (on a CPU it
+    # trains plain data parallel); lift that one check, so that accelerate's own FSDP2 path (fully_shard
+    # over gloo, as torch supports on CPU) runs in the test's two CPU processes
+    from accelerate import state as _state
+
+    _init = _state.AcceleratorState.__init__
+
+    def _fsdp_on_cpu(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if self.distributed_type == _state.DistributedType.MULTI_CPU and plugin is not None:
+            self.distributed_type = _state.DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            _state.PartialState._shared_state["distributed_type"] = _state.DistributedType.FSDP
+
+    _state.AcceleratorState.__init__ = _fsdp_on_cpu

@@ -1,0 +1,107 @@
+"""Fully sharded data parallel (FSDP2): full finetuning of a denoiser that does not fit one GPU.
+
+Launched with accelerate's FSDP config (``accelerate launch --config_file conf/accelerate/fsdp.yaml
+-m rlft ...``), ``accelerator.prepare`` shards the denoiser's blocks over the processes
+(``torch.distributed.fsdp.fully_shard``); each forward gathers a block's weights and frees them again,
+each backward reduce-scatters the gradients, and AdamW's moments live only as shards. Everything else
+in the run is unchanged. What this module adds is the checkpoint: the weights and the optimizer state
+are gathered from every process into the same files a one-process run writes (rlft/checkpoint.py,
+the optimizer keyed by parameter index), so a sharded run's checkpoint exports, evaluates and resumes
+like any other, and a resume puts each process's shard back from them.
+
+Sharding is for full finetuning without a moving average: a LoRA adapter is small enough to train
+with plain data parallelism, and the moving average (trainer.ema_decay) would need its own gather.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlft.errors import ConfigError
+
+# wrappers that activation checkpointing and torch.compile put into parameter names, which the
+# distributed state dicts leave out
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether the run was launched with accelerate's FSDP config."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def check(cfg, accelerator) -> None:
+    """Refuse, before any weights load, what a sharded run cannot do."""
+    if not is_sharded(accelerator):
+        return
+    fix = "or launch without the FSDP config (plain data parallel: accelerate launch --multi_gpu ...)"
+    if cfg.model.get("finetune") != "full":
+        raise ConfigError(
+            "model.finetune",
+            f"FSDP shards full finetuning; '{cfg.model.get('finetune')}' keeps the whole denoiser on each GPU anyway",
+            f"set model.finetune=full, {fix}",
+        )
+    if cfg.trainer.ema_decay is not None:
+        raise ConfigError(
+            "trainer.ema_decay", "a moving average of sharded weights is not kept", f"set trainer.ema_decay=null, {fix}"
+        )
+    n = accelerator.num_processes
+    accelerator.print(f"sharding: FSDP over {n} processes, each holding 1/{n} of weights, gradients, optimizer state")
+
+
+def _clean(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def _parameter_names(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of each of the optimizer's parameters, in its state dict's index order."""
+    names = {id(p): _clean(n) for n, p in module.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def gather(accelerator, policy, optimizer) -> tuple[dict[str, Tensor], dict] | tuple[None, None]:
+    """(trainable weights, optimizer state_dict) on the CPU of the main process, as a one-process run
+    has them; (None, None) on the others. Every process must call it (a sharded run gathers)."""
+    if not is_sharded(accelerator):
+        if not accelerator.is_main_process:
+            return None, None
+        trainable = {k: v.detach().cpu().contiguous() for k, v in policy.trainable_state_dict().items()}
+        return trainable, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    module, inner = policy.unet, getattr(optimizer, "optimizer", optimizer)
+    trainable = get_model_state_dict(module, options=_options(cpu_offload=True))
+    by_name = get_optimizer_state_dict(module, inner, options=_options(cpu_offload=True))
+    if not accelerator.is_main_process:
+        return None, None
+    index = {name: i for i, name in enumerate(_parameter_names(module, inner))}
+    state = {index[name]: values for name, values in by_name["state"].items()}
+    groups = [{**g, "params": [index[name] for name in g["params"]]} for g in by_name["param_groups"]]
+    return {k: v.contiguous() for k, v in trainable.items()}, {"state": state, "param_groups": groups}
+
+
+def restore(accelerator, policy, optimizer, trainable: dict[str, Tensor], optimizer_state: dict) -> None:
+    """Load a checkpoint's weights and optimizer state (as ``gather`` returns them), each process
+    keeping its shard. Every process must call it with the checkpoint's contents."""
+    if not is_sharded(accelerator):
+        policy.load_trainable_state_dict(trainable)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    module, inner = policy.unet, getattr(optimizer, "optimizer", optimizer)
+    names = _parameter_names(module, inner)
+    state = {names[int(i)]: values for i, values in optimizer_state["state"].items()}
+    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]]
+    set_model_state_dict(module, trainable, options=_options())
+    set_optimizer_state_dict(module, inner, {"state": state, "param_groups": groups}, options=_options())
