@@ -485,11 +485,14 @@ class Runner:
         )
 
     def _reference_log_probs(self, learner: Learner, rollout: Rollout) -> torch.Tensor:
-        """reduce(log pi_ref(x_{j+1} | x_j, c)) for every step of every sample  [B, S, ...], in calls of
-        trainer.rows_per_call rows."""
-        B, S = rollout.batch_size, len(rollout.trajectory.timesteps)
-        rows = Rows.of(torch.arange(B), torch.arange(S).expand(B, -1))
-        return Rows.unflatten(learner.steps(rollout, rows, reference=True).log_prob, B)
+        """reduce(log pi_ref(x_{j+1} | x_j, c)) at every stochastic step of every sample, 0 at the
+        deterministic steps that nothing trains on  [B, S, ...], in calls of trainer.rows_per_call rows."""
+        B, steps = rollout.batch_size, rollout.trainable_steps
+        rows = Rows.of(torch.arange(B), steps.expand(B, -1))
+        values = Rows.unflatten(learner.steps(rollout, rows, reference=True).log_prob, B)  # [B, S', ...]
+        out = values.new_zeros(rollout.log_probs.shape[:2] + values.shape[2:])
+        out[:, steps] = values
+        return out
 
     def _handle_nan(self, rollout: Rollout, rewards: RewardOutput) -> bool:
         """True when the epoch must be skipped; stops the run (after saving) under on_nan_reward=stop."""

@@ -124,6 +124,44 @@ def test_prdp_rejects_bad_values():
         PRDP().check(samples_per_process=16, train_batch_size=2, gradient_accumulation_steps=1, images_per_prompt=4)
 
 
+def test_the_runner_records_pi_ref_at_the_stochastic_steps_only(tiny_policy):
+    """The runner's reference pass (PRDP's log pi_ref) runs pi_ref at the steps that draw noise and are
+    trained on, and records 0 at the deterministic steps (sampler.stochastic_window), which PRDP never reads."""
+    from rlft.runner import Runner
+
+    torch.manual_seed(0)
+    unet = copy.deepcopy(tiny_policy.unet).double().eval()
+    reference = copy.deepcopy(unet).requires_grad_(False)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    sampler = DDIM(4, eta=1.0, guidance_scale=5.0, stochastic_window=[1, 3]).setup(tiny_policy.scheduler_config)
+    prompts = ["cat", "cat", "dog"]
+    cond = tiny_policy.encode(prompts).to(dtype=torch.float64)
+    algo = PRDP(beta=1e-2)
+    with torch.no_grad():
+        traj = sampler.sample(tiny_policy.with_unet(unet), cond, torch.Generator().manual_seed(1), algo.reduce_log_prob)
+    rollout = Rollout(traj, prompts, torch.tensor([0, 0, 1]), torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64))
+    assert rollout.trainable_steps.tolist() == [1, 2]
+    ctx = SGDContext(tiny_policy, unet, sampler, algo, tbs=2, accum=1, lr=0.0)
+    ctx.reference_policy = lambda: tiny_policy.with_unet(reference)
+    got = Runner._reference_log_probs(None, ctx, rollout)
+    with torch.no_grad():
+        want = [
+            algo.reduce_log_prob(
+                sampler.step(
+                    tiny_policy.with_unet(reference), traj.latents[:, j], t, cond, prev_sample=traj.latents[:, j + 1]
+                ).log_prob
+            )
+            for j, t in enumerate(traj.timesteps)
+        ]
+    assert got.shape == traj.log_probs.shape
+    for j in (1, 2):
+        assert (got[:, j] - traj.log_probs[:, j]).abs().max() > 1e-6  # pi_ref is not pi_old
+        torch.testing.assert_close(got[:, j], want[j], rtol=1e-10, atol=1e-10)
+    assert not got[:, [0, 3]].any()
+
+
 # --------------------------------------------------------------------------- two passes vs autograd
 def test_two_pass_gradient_equals_full_autograd_on_a_tiny_model(family):
     """In float64 (denoiser, embeddings and every step), so that the two computations, which differ only in

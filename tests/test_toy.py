@@ -313,8 +313,8 @@ def test_ddpo_on_toy_small_end_to_end(cache_dir, tmp_path):
 def test_the_default_demo_learns_its_relations(cache_dir, tmp_path):
     """`python -m rlft` (`make demo`) is PRDP learning the relations of 8 two-object toy prompts in 48
     epochs: the whole default run, fixed seed, evaluated on its 8 prompts x 4 seeds (the held-out
-    relation set is dropped here to save time; evaluation never feeds training). Measured: +0.1771 ±
-    0.0273 (6.5 SE, all 8 prompts improved; relation sub-score 0.28 -> 0.78); the bounds leave margin."""
+    relation set is dropped here to save time; evaluation never feeds training). Measured: +0.1731 ±
+    0.0342 (5.1 SE, all 8 prompts improved; relation sub-score 0.28 -> 0.81); the bounds leave margin."""
     result = run_cli([f"paths.output_root={tmp_path}", "run_name=demo", "~dataset@eval_datasets.unseen"], cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "demo"

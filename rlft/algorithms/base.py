@@ -5,7 +5,7 @@ One epoch, as the runner executes it:
     SAMPLING   rollout = N prompts x B images each, trajectories under the old
                policy (pi_old: the current weights, snapshotted by not training
                yet), log-probs reduced by ``algorithm.reduce_log_prob``; if
-               ``needs_reference``, log pi_ref per step too
+               ``needs_reference``, log pi_ref per stochastic step too
     REWARD     scores [B] (and maps [B, H, W] if ``needs_reward_maps``)
     PREPARE    ``algorithm.prepare(rollout, comm)``: advantages / pairs (may
                gather across processes: all processes call it)
@@ -40,7 +40,7 @@ class Rollout:
     rewards: Tensor  # [B] float32
     reward_maps: Tensor | None = None  # [B, H, W] (pixel-wise rewards)
     sample_index: Tensor | None = None  # each sample's position in the epoch (any process count)  [B] long
-    ref_log_probs: Tensor | None = None  # reduce(log pi_ref) per step, like trajectory.log_probs  [B, S, ...]
+    ref_log_probs: Tensor | None = None  # reduce(log pi_ref) per stochastic step (0 at the others)  [B, S, ...]
     advantages: Tensor | None = None  # set by Algorithm.prepare; shape is the algorithm's
 
     @property
@@ -110,7 +110,7 @@ class TrainContext(Protocol):
 class Algorithm:
     """Base class: defaults for what the rollout must record, and no-op state."""
 
-    needs_reference: bool = False  # record log pi_ref per step of every sample (PRDP)
+    needs_reference: bool = False  # record log pi_ref per stochastic step of every sample (PRDP)
     uses_reference: bool = False  # asks for pi_ref's step during the update (ctx.steps(..., reference=True))
     needs_reward_maps: bool = False  # the reward must give per-pixel maps (PXPO)
     min_images_per_prompt: int = 1  # e.g. 2 for pairwise losses
