@@ -101,7 +101,10 @@ def restore(accelerator, policy, optimizer, trainable: dict[str, Tensor], optimi
 
     module, inner = policy.unet, getattr(optimizer, "optimizer", optimizer)
     names = _parameter_names(module, inner)
-    state = {names[int(i)]: values for i, values in optimizer_state["state"].items()}
-    groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]]
+    try:
+        state = {names[int(i)]: values for i, values in optimizer_state["state"].items()}
+        groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]]
+    except IndexError:  # the runner reports a ValueError as a checkpoint that does not fit the run
+        raise ValueError(f"the optimizer state names more than this model's {len(names)} parameters") from None
     set_model_state_dict(module, trainable, options=_options())
     set_optimizer_state_dict(module, inner, {"state": state, "param_groups": groups}, options=_options())
