@@ -244,6 +244,7 @@ class Runner:
         optimizer = build(cfg.optimizer, "optimizer")(self.params)
         self.policy.unet, self.optimizer = self.accelerator.prepare(self.policy.unet, optimizer)
         self.params = self.policy.trainable_parameters()  # FSDP swaps in sharded parameters
+        sharding.describe(self.accelerator, self.policy)
         self.run_state = _RunState(self)
         self.lock = ckpt.RunLock(self.run_dir)
         # rewards overlap the next sampling batch on GPU; on CPU they would compete for the same cores
@@ -687,6 +688,8 @@ class Runner:
             if self.feature_reward is not None:  # from the saved (uint8) images, as drift compares them
                 local["features"] = self.feature_reward.image_features(local["images"].float() / 255).float().cpu()
             self._held_out_s += time.perf_counter() - t0
+        for _ in range(sharding.idle_batches(self.accelerator, len(mine), len(prompts), self.plan.sample_batch_size)):
+            self._sample(prompts[:1], [(self.cfg.seed, EVAL, t.eval_seed, 0)], f"evaluating on {name}")  # dropped
         gathered = [g for g in _Comm(self.accelerator).gather_object([local]) if g["scores"]]  # a process may hold none
         order = [i for g in gathered for i in g["index"]]
         rank_of = sorted(range(len(order)), key=order.__getitem__)  # gathered position of image i

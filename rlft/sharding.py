@@ -36,6 +36,12 @@ def check(cfg, accelerator) -> None:
     """Refuse, before any weights load, what a sharded run cannot do."""
     if not is_sharded(accelerator):
         return
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise ConfigError(
+            "fsdp_config.fsdp_version",
+            "rlft shards with FSDP2 (torch's fully_shard) and gathers its checkpoints as such",
+            "set fsdp_version: 2 in the accelerate config, as experiments/accelerate/fsdp.yaml does",
+        )
     fix = "or launch without the FSDP config (plain data parallel: accelerate launch --multi_gpu ...)"
     if cfg.model.get("finetune") != "full":
         raise ConfigError(
@@ -47,8 +53,32 @@ def check(cfg, accelerator) -> None:
         raise ConfigError(
             "trainer.ema_decay", "a moving average of sharded weights is not kept", f"set trainer.ema_decay=null, {fix}"
         )
+
+
+def describe(accelerator, policy) -> None:
+    """After accelerator.prepare: print how much of the denoiser this process holds."""
+    if not is_sharded(accelerator):
+        return
+    from torch.distributed.tensor import DTensor
+
+    params = list(policy.unet.parameters())
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in params)
+    total = sum(p.numel() for p in params)
     n = accelerator.num_processes
-    accelerator.print(f"sharding: FSDP over {n} processes, each holding 1/{n} of weights, gradients, optimizer state")
+    accelerator.print(
+        f"sharding: FSDP over {n} processes; this one holds {local:,} of the denoiser's {total:,} weights "
+        f"({local / total:.1%}), and their gradients and optimizer state"
+    )
+
+
+def idle_batches(accelerator, mine: int, total: int, batch_size: int) -> int:
+    """Sampling batches this process must add (and drop) so that every process makes the same denoiser
+    calls: a sharded forward gathers weights from all processes. ``mine`` of ``total`` items are this
+    process's (a rank::world split, so the first process holds the most)."""
+    if not is_sharded(accelerator):
+        return 0
+    most = -(-total // accelerator.num_processes)
+    return -(-most // batch_size) - -(-mine // batch_size)
 
 
 def _clean(name: str) -> str:
@@ -80,7 +110,10 @@ def gather(accelerator, policy, optimizer) -> tuple[dict[str, Tensor], dict] | t
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     module, inner = policy.unet, getattr(optimizer, "optimizer", optimizer)
+    # the model's state dict first: its hook reshards a root module that evaluation left unsharded
     trainable = get_model_state_dict(module, options=_options(cpu_offload=True))
+    if not inner.state:  # no step yet (the same on every process): torch's gather would take one at lr 0
+        return (trainable, inner.state_dict()) if accelerator.is_main_process else (None, None)
     by_name = get_optimizer_state_dict(module, inner, options=_options(cpu_offload=True))
     if not accelerator.is_main_process:
         return None, None
@@ -100,11 +133,14 @@ def restore(accelerator, policy, optimizer, trainable: dict[str, Tensor], optimi
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     module, inner = policy.unet, getattr(optimizer, "optimizer", optimizer)
+    set_model_state_dict(module, trainable, options=_options())
+    if not optimizer_state["state"]:  # saved before the first step: only the parameter groups
+        inner.load_state_dict(optimizer_state)
+        return
     names = _parameter_names(module, inner)
     try:
         state = {names[int(i)]: values for i, values in optimizer_state["state"].items()}
         groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in optimizer_state["param_groups"]]
     except IndexError:  # the runner reports a ValueError as a checkpoint that does not fit the run
         raise ValueError(f"the optimizer state names more than this model's {len(names)} parameters") from None
-    set_model_state_dict(module, trainable, options=_options())
     set_optimizer_state_dict(module, inner, {"state": state, "param_groups": groups}, options=_options())

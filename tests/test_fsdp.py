@@ -6,6 +6,8 @@ over gloo exactly as it would over NCCL: each process holds half of every block'
 gradients are reduce-scattered and AdamW's moments live as shards. The run's checkpoint is gathered into
 the files a one-process run writes, and a resume puts each shard back:
 
+- a process with fewer evaluation images than the others makes up the denoiser calls (5 images over 2
+  processes in batches of 2; without it the sharded forward would wait forever);
 - the sharded run's first step sees the gradient a one-process run sees (AdamW's first moment, 0.1 g,
   equal up to float rounding) and their evaluation images score the same;
 - a sharded run stopped after epoch 1 and resumed ends epoch 2 with weights and optimizer state
@@ -14,6 +16,7 @@ the files a one-process run writes, and a resume puts each shard back:
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,9 +44,9 @@ COMMON = [
     "trainer.prompts_per_epoch=4",  # 4 prompts x 2 images = 8 samples, one optimizer step per epoch
     "trainer.images_per_prompt=2",
     "trainer.train_batch_size=4",  # per process
-    "sampler.batch_size=4",
     "trainer.eval_every=1",
-    "trainer.eval_num_prompts=4",
+    "trainer.eval_num_prompts=5",  # x 1 image: 3 and 2 per process, in 2 and 1 batches of 2 (sharded runs)
+    "trainer.eval_images_per_prompt=1",
     "trainer.checkpoint_every=1",
     "trainer.keep_checkpoints=2",
     "trainer.log_images=0",
@@ -71,14 +74,15 @@ def test_sharded_full_finetuning_checkpoints_and_resumes_exactly(cache_dir, tiny
         launcher, env, batch = None, None, ["trainer.train_batch_size=8", "sampler.batch_size=8"]
         if processes == 2:
             launcher = [*_launcher(), "--main_process_port", str(free_port())]
-            env, batch = {"OMP_NUM_THREADS": "1", "RLFT_TEST_FSDP_ON_CPU": "1"}, []
+            env, batch = {"OMP_NUM_THREADS": "1", "RLFT_TEST_FSDP_ON_CPU": "1"}, ["sampler.batch_size=2"]
         args = [*base, *batch, f"run_name={name}", f"trainer.epochs={epochs}"]
         result = run_cli(args, cache_dir, launcher=launcher, env=env)
         assert result.returncode == 0, (name, result.stderr[-3000:])
         return result
 
     straight = launch("straight", 2)
-    assert "sharding: FSDP over 2 processes" in straight.stdout
+    held = re.search(r"sharding: FSDP over 2 processes; this one holds [0-9,]+ of .* \(([0-9.]+)%\)", straight.stdout)
+    assert held and 45 < float(held.group(1)) < 55, straight.stdout[:2000]  # the main process's half
     assert "(4 per process x 2 processes)" in straight.stdout
     launch("stopped", 1)
     resumed = launch("stopped", 2)
@@ -109,12 +113,22 @@ def test_sharded_full_finetuning_checkpoints_and_resumes_exactly(cache_dir, tiny
 
 
 def test_what_sharding_cannot_do_is_refused_before_any_weights_load():
-    sharded = SimpleNamespace(distributed_type="FSDP", num_processes=2, print=lambda *a: None)
+    sharded = SimpleNamespace(distributed_type="FSDP", is_fsdp2=True, num_processes=2)
     cfg = lambda finetune, ema: OmegaConf.create({"model": {"finetune": finetune}, "trainer": {"ema_decay": ema}})  # noqa: E731
     sharding.check(cfg("full", None), sharded)
     with pytest.raises(ConfigError, match="model.finetune.*set model.finetune=full"):
         sharding.check(cfg("lora", None), sharded)
     with pytest.raises(ConfigError, match="trainer.ema_decay.*set trainer.ema_decay=null"):
         sharding.check(cfg("full", 0.99), sharded)
+    with pytest.raises(ConfigError, match="fsdp_version: 2"):
+        sharding.check(cfg("full", None), SimpleNamespace(distributed_type="FSDP", is_fsdp2=False))
     plain = SimpleNamespace(distributed_type="MULTI_CPU", num_processes=2)
     sharding.check(cfg("lora", 0.99), plain)  # data parallel: anything goes
+
+
+def test_a_sharded_process_with_fewer_evaluation_images_makes_up_the_calls():
+    sharded, plain = SimpleNamespace(distributed_type="FSDP", num_processes=2), SimpleNamespace(distributed_type="NO")
+    # 5 images over 2 processes (3 and 2) in batches of 2: 2 batches and 1, so the second adds one
+    assert [sharding.idle_batches(sharded, mine, 5, 2) for mine in (3, 2)] == [0, 1]
+    assert [sharding.idle_batches(sharded, mine, 1, 4) for mine in (1, 0)] == [0, 1]  # one holds none
+    assert sharding.idle_batches(sharded, 4, 8, 4) == 0 and sharding.idle_batches(plain, 0, 5, 2) == 0
