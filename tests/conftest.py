@@ -251,3 +251,28 @@ def train_every_algorithm(root: Path, model: list[str], cache_dir: Path) -> None
         train = next(row for row in read_metrics(root / name) if "train/loss" in row)
         assert train["train/grad_norm"] > 0 and math.isfinite(train["train/loss"]), (name, train)
         assert (root / name / "checkpoints" / "epoch_00001").is_dir()
+
+
+def export_and_reload(
+    run: Path, out: Path, cache_dir: Path, pipeline_class, base: Path, prompts, noise, guidance_scale
+):
+    """`python -m rlft.export <run> <out>` for a flow model's run, then (the policy and drawing settings as
+    rlft.sample loads the run, the latents it draws by the Euler ODE from x_T = ``noise`` in 4 steps, the
+    plain ``pipeline_class`` the export loads in: the adapter by load_lora_weights onto ``base``)."""
+    from rlft.flow_sampling import FlowODE
+    from rlft.sample import load_model
+
+    done = run_process([sys.executable, "-m", "rlft.export", str(run), str(out)], cache_dir, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert pipeline_class.__name__ in done.stdout or "load_lora_weights" in done.stdout, done.stdout
+    policy, settings = load_model(str(run))
+    sampler = FlowODE(num_steps=4, guidance_scale=guidance_scale).setup(policy.scheduler_config)
+    with torch.no_grad():
+        x_T = noise[:, None].expand(-1, 5, -1, -1, -1)
+        ours = sampler.sample(policy, policy.encode(prompts), x_T, lambda lp: lp.mean((1, 2, 3))).latents[:, -1]
+    if policy.finetune == "lora":
+        pipe = pipeline_class.from_pretrained(str(base))
+        pipe.load_lora_weights(str(out))
+    else:
+        pipe = pipeline_class.from_pretrained(str(out))
+    return policy, settings, ours, pipe

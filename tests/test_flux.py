@@ -6,7 +6,6 @@ algorithms' gradient identities run on it through conftest's ``family`` fixture.
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch
 from rlft.errors import ConfigError
 from rlft.flow_sampling import FlowODE
 from rlft.flux import FluxPolicy
-from tests.conftest import run_process, train_every_algorithm
+from tests.conftest import export_and_reload, train_every_algorithm
 
 
 def _pipeline_latents(pipe, prompts, noise, steps, **kwargs):
@@ -101,27 +100,17 @@ def test_every_algorithm_trains_flux_through_the_runner_and_the_export_leaves_rl
 
     prompts = ["a cat", "a dog"]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    base = FluxPipeline.from_pretrained(str(cache_dir / "tiny_random_flux_v1"))
+    base = FluxPipeline.from_pretrained(str(tiny_flux_path))
     before = _pipeline_latents(base, prompts, noise, 4, guidance_scale=3.5)
     for name in ("ddpo_lora", "ddpo_full"):
         out = tmp_path / f"export_{name}"
-        done = run_process([sys.executable, "-m", "rlft.export", str(root / name), str(out)], cache_dir, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "FluxPipeline" in done.stdout or "load_lora_weights" in done.stdout, done.stdout
-        policy, settings = load_model(str(root / name))
+        policy, settings, ours, pipe = export_and_reload(
+            root / name, out, cache_dir, FluxPipeline, tiny_flux_path, prompts, noise, guidance_scale=1.0
+        )
         assert isinstance(policy, FluxPolicy) and settings["guidance_scale"] == 1
-        sampler = FlowODE(num_steps=4, guidance_scale=1.0).setup(policy.scheduler_config)
-        with torch.no_grad():
-            cond = policy.encode(prompts)
-            ours = sampler.sample(policy, cond, noise[:, None].expand(-1, 5, -1, -1, -1), lambda lp: lp.mean((1, 2, 3)))
-        if name == "ddpo_lora":
-            pipe = FluxPipeline.from_pretrained(str(cache_dir / "tiny_random_flux_v1"))
-            pipe.load_lora_weights(str(out))
-        else:
-            pipe = FluxPipeline.from_pretrained(str(out))
         plain = _pipeline_latents(pipe, prompts, noise, 4, guidance_scale=3.5)
         assert (plain - before).abs().max() > 1e-3, name  # the export carries the finetuned weights
-        torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-4)
         # rlft.sample reads the export as it reads the run
         assert torch.equal(generate(out, prompts)[0], generate(root / name, prompts)[0])
     # a plain FLUX pipeline is sampled as its own pipeline samples: the Euler ODE, no CFG batch

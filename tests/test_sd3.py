@@ -4,15 +4,13 @@ with LoRA or full finetuning (pi_ref staying fixed while the policy moves: tests
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
 from rlft.errors import ConfigError
 from rlft.flow_sampling import FlowODE
 from rlft.sd3 import SD3Policy
-from tests.conftest import read_metrics, run_process, train_every_algorithm
+from tests.conftest import export_and_reload, read_metrics, train_every_algorithm
 
 
 def test_sampling_matches_the_published_pipeline(tiny_sd3_path):
@@ -62,32 +60,16 @@ def test_every_algorithm_trains_sd3_through_the_runner_and_the_export_leaves_rlf
 
     prompts = ["a cat", "a dog"]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    draw = dict(latents=noise, num_inference_steps=4, guidance_scale=4.5, height=32, width=32, max_sequence_length=16)
+    before = StableDiffusion3Pipeline.from_pretrained(str(tiny_sd3_path))(prompts, **draw, output_type="latent").images
     for name in ("ddpo_lora", "ddpo_full"):
         out = tmp_path / f"export_{name}"
-        done = run_process([sys.executable, "-m", "rlft.export", str(root / name), str(out)], cache_dir, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "StableDiffusion3Pipeline" in done.stdout or "load_lora_weights" in done.stdout, done.stdout
-        policy, _ = load_model(str(root / name))
-        sampler = FlowODE(num_steps=4, guidance_scale=4.5).setup(policy.scheduler_config)
-        with torch.no_grad():
-            cond = policy.encode(prompts)
-            ours = sampler.sample(policy, cond, noise[:, None].expand(-1, 5, -1, -1, -1), lambda lp: lp.mean((1, 2, 3)))
-        if name == "ddpo_lora":
-            pipe = StableDiffusion3Pipeline.from_pretrained(str(cache_dir / "tiny_random_sd3_v1"))
-            pipe.load_lora_weights(str(out))
-        else:
-            pipe = StableDiffusion3Pipeline.from_pretrained(str(out))
-        plain = pipe(
-            prompts, latents=noise, num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
-            max_sequence_length=16, output_type="latent",
-        ).images  # fmt: skip
-        base = StableDiffusion3Pipeline.from_pretrained(str(cache_dir / "tiny_random_sd3_v1"))
-        before = base(
-            prompts, latents=noise, num_inference_steps=4, guidance_scale=4.5, height=32, width=32,
-            max_sequence_length=16, output_type="latent",
-        ).images  # fmt: skip
+        _, _, ours, pipe = export_and_reload(
+            root / name, out, cache_dir, StableDiffusion3Pipeline, tiny_sd3_path, prompts, noise, guidance_scale=4.5
+        )
+        plain = pipe(prompts, **draw, output_type="latent").images
         assert (plain - before).abs().max() > 1e-3, name  # the export carries the finetuned weights
-        torch.testing.assert_close(plain, ours.latents[:, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(plain, ours, rtol=1e-4, atol=1e-4)
         # rlft.sample reads the export as it reads the run, with the run's sampler or another family
         assert torch.equal(generate(out, prompts)[0], generate(root / name, prompts)[0])
         ode = generate(out, prompts, sampler="flow_ode", num_steps=4)[0]
