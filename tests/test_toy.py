@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from rlft.errors import ConfigError
 from rlft.toy import WEIGHTS, ToyPrompts
 from rlft.toy.grammar import HELD_OUT, N_SINGLE, ObjectSpec, Scene, decode, parse, split_codes
-from rlft.toy.render import Placed, draw, render_batch
+from rlft.toy.render import SHAPE_AREA, Placed, draw, render_batch, shape_mask, shape_masks
 from rlft.toy.rewards import PARTS, ToyAlignment, ToyColor
 from tests.conftest import read_metrics, run_cli
 from tests.helpers import eval_gain
@@ -129,6 +129,20 @@ def test_agree_map_weighs_every_pixel_alike_and_keeps_the_score():
     assert agree.maps[0].sum() == pytest.approx((agree.maps[0] > 0).float().mean().item())
     with pytest.raises(ConfigError, match="reward.pixel_map"):
         ToyAlignment(pixel_map="weighted")
+
+
+def test_shape_masks_drawn_together_equal_each_drawn_alone():
+    """The reward fits many placements of a shape at once (rlft/toy/rewards.py _ious): each mask of the
+    batch must be the one the renderer draws alone, also on quarter-pixel centres and extents, where
+    pixel centres lie on the boundary."""
+    rng = np.random.default_rng(0)
+    cx, cy = np.round(rng.uniform(0, 32, (2, 400)) * 4) / 4
+    r = np.round(rng.uniform(0.5, 16, 400) * 4) / 4
+    for shape in SHAPE_AREA:
+        together = shape_masks(shape, cx, cy, r, 32)
+        alone = [shape_mask(shape, float(x), float(y), float(e), 32) for x, y, e in zip(cx, cy, r)]
+        assert together.shape == (400, 32, 32) and np.array_equal(together, np.stack(alone)), shape
+        assert together.sum(axis=(1, 2)).max() > 0
 
 
 def test_sub_scores_are_one_on_the_renderers_images():

@@ -50,17 +50,32 @@ def size_range(size: str, image_size: int) -> tuple[float, float]:
 
 def shape_mask(shape: str, cx: float, cy: float, r: float, image_size: int) -> np.ndarray:
     """Boolean mask [H, W] of one shape (pixel centres inside it)."""
+    return shape_masks(shape, [cx], [cy], [r], image_size)[0]
+
+
+def shape_masks(shape: str, cx, cy, r, image_size: int) -> np.ndarray:
+    """Boolean masks [N, H, W] of N placements of one shape (centres cx, cy and extents r, each [N]).
+
+    The geometry is evaluated in float32 with each bound rounded to float32 once, so every mask is
+    the same whether it is drawn alone or among others."""
+
+    def f32(values) -> np.ndarray:  # [N, 1, 1]: one value per mask, rounded once to float32
+        return np.asarray(values, dtype=np.float64).astype(np.float32)[:, None, None]
+
     c = np.arange(image_size, dtype=np.float32) + 0.5
-    dx, dy = c[None, :] - cx, c[:, None] - cy
+    r64 = np.asarray(r, dtype=np.float64)
+    dx, dy = c[None, None, :] - f32(cx), c[None, :, None] - f32(cy)
     if shape == "circle":
-        return dx * dx + dy * dy <= r * r
+        return dx * dx + dy * dy <= f32(r64 * r64)
     if shape == "square":
-        return (np.abs(dx) <= 0.85 * r) & (np.abs(dy) <= 0.85 * r)
+        half = f32(0.85 * r64)
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if shape == "triangle":
-        return (dy >= -r) & (dy <= r) & (np.abs(dx) <= (dy + r) / 2)
+        r32 = f32(r64)
+        return (dy >= -r32) & (dy <= r32) & (np.abs(dx) <= (dy + r32) / 2)
     if shape == "cross":
-        arm = r / 3
-        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r))
+        arm, r32 = f32(r64 / 3), f32(r64)
+        return ((np.abs(dx) <= arm) & (np.abs(dy) <= r32)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= r32))
     raise ValueError(f"unknown shape '{shape}'")
 
 

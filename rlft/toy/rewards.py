@@ -69,12 +69,14 @@ from rlft.toy.render import (
     cell_range,
     relation_holds,
     shape_mask,
+    shape_masks,
     size_range,
 )
 
 PALETTE_NAMES = tuple(PALETTE)
 FIT_SLACK = 1.0  # pixels a fitted relation may miss by (the fit's own error) before it is enforced
 MIN_PIXELS = 6  # at 32x32 (scaled with the area): the smallest region that counts as a found object
+STEPS = np.array([-0.25, 0.0, 0.25])  # pixels: the offsets a fit tries around its first guess
 PARTS = ("background", "color", "shape", "size", "place", "count", "relation")
 PALETTE_RGB = torch.tensor([PALETTE[n] for n in PALETTE_NAMES])  # [K, 3]
 
@@ -102,41 +104,41 @@ def components(mask: np.ndarray) -> list[np.ndarray]:
     return [(labels[0, 0] == ids[i]).numpy() for i in order]
 
 
+def _ious(shape: str, fits: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """IoU of ``shape`` drawn at each fit (rows of cx, cy, r  [N, 3]) with a region  [N] float64."""
+    masks = shape_masks(shape, fits[:, 0], fits[:, 1], fits[:, 2], region.shape[0])
+    inter = (masks & region).sum(axis=(1, 2))
+    return inter / np.maximum((masks | region).sum(axis=(1, 2)), 1)
+
+
 def _fit(region: np.ndarray, shape: str, r_range: tuple[float, float], box) -> tuple[tuple[float, float, float], float]:
     """The allowed shape (extent within r_range, centre within box) closest to a region (max IoU):
-    its (cx, cy, r) and that IoU."""
+    its (cx, cy, r) and that IoU (the first of the candidates, in order, where there are ties)."""
     ys, xs = np.nonzero(region)
     r0 = float(np.clip(math.sqrt(len(xs) / SHAPE_AREA[shape]), *r_range))
     cx0, cy0 = xs.mean() + 0.5, ys.mean() + 0.5 - SHAPE_CENTROID_DY[shape] * r0
-    best, best_iou = None, -1.0
-    for r in np.clip(r0 + np.array([-0.25, 0.0, 0.25]), *r_range):
+    fits = []
+    for r in np.clip(r0 + STEPS, *r_range):
         (x_lo, x_hi), (y_lo, y_hi) = box(r)
-        for dx in (-0.25, 0.0, 0.25):
-            for dy in (-0.25, 0.0, 0.25):
-                cx, cy = float(np.clip(cx0 + dx, x_lo, x_hi)), float(np.clip(cy0 + dy, y_lo, y_hi))
-                m = shape_mask(shape, cx, cy, float(r), region.shape[0])
-                iou = (m & region).sum() / max((m | region).sum(), 1)
-                if iou > best_iou:
-                    best, best_iou = (cx, cy, float(r)), float(iou)
-    return best, best_iou
+        cxs, cys = np.clip(cx0 + STEPS, x_lo, x_hi), np.clip(cy0 + STEPS, y_lo, y_hi)
+        fits += [(float(cx), float(cy), float(r)) for cx in cxs for cy in cys]
+    ious = _ious(shape, np.asarray(fits), region)
+    best = int(np.argmax(ious))
+    return fits[best], float(ious[best])
 
 
 def _extent(region: np.ndarray, shape: str) -> tuple[float, float, float]:
     """The free fit of ``shape`` to a region, (cx, cy, r): every fit of the highest IoU on a fine grid,
     averaged (pixel-centre masks make IoU flat over a range of r; its middle is the unbiased estimate)."""
-    size = region.shape[0]
     ys, xs = np.nonzero(region)
     r0 = math.sqrt(len(xs) / SHAPE_AREA[shape])
     cx0, cy0 = xs.mean() + 0.5, ys.mean() + 0.5 - SHAPE_CENTROID_DY[shape] * r0
-    fits, ious = [], []
-    for r in r0 + np.arange(-0.75, 0.76, 0.125):
-        for dx in (-0.25, 0.0, 0.25):
-            for dy in (-0.25, 0.0, 0.25):
-                m = shape_mask(shape, cx0 + dx, cy0 + dy, float(r), size)
-                ious.append((m & region).sum() / max((m | region).sum(), 1))
-                fits.append((cx0 + dx, cy0 + dy, float(r)))
-    best = np.asarray(ious) >= max(ious) - 1e-9
-    return tuple(float(v) for v in np.asarray(fits)[best].mean(axis=0))
+    fits = np.asarray(
+        [(cx0 + dx, cy0 + dy, float(r)) for r in r0 + np.arange(-0.75, 0.76, 0.125) for dx in STEPS for dy in STEPS]
+    )
+    ious = _ious(shape, fits, region)
+    best = ious >= ious.max() - 1e-9
+    return tuple(float(v) for v in fits[best].mean(axis=0))
 
 
 def _free_box(size: int):
@@ -202,14 +204,20 @@ def ideal_scene(labels: np.ndarray, scene: Scene, regions: dict[str, list[np.nda
     return placed
 
 
-def sub_scores(labels: np.ndarray, scene: Scene, regions: dict[str, list[np.ndarray]] | None = None) -> dict:
-    """The image's sub-scores (module docstring), NaN for attributes the prompt does not name."""
+def sub_scores(
+    labels: np.ndarray,
+    scene: Scene,
+    regions: dict[str, list[np.ndarray]] | None = None,
+    ideal: list[Placed] | None = None,
+) -> dict:
+    """The image's sub-scores (module docstring), NaN for attributes the prompt does not name
+    (``regions`` and ``ideal``, the :func:`ideal_scene`, are computed when not given)."""
     size = labels.shape[0]
     regions = color_regions(labels, scene) if regions is None else regions
     min_pixels = MIN_PIXELS * (size / 32) ** 2
     nan = float("nan")
     out = dict.fromkeys(PARTS, nan)
-    ideal = ideal_scene(labels, scene, regions)
+    ideal = ideal_scene(labels, scene, regions) if ideal is None else ideal
     bg_index = PALETTE_NAMES.index(scene.background_color)
     ideal_bg = np.ones(labels.shape, dtype=bool)
     for p in ideal:
@@ -289,22 +297,24 @@ class ToyAlignment(Reward):
         for lab, prompt in zip(labels, prompts):
             scene = _scene(prompt)
             regions = color_regions(lab, scene)
-            weight, agree = self.pixel_terms(lab, scene, regions)
+            ideal = ideal_scene(lab, scene, regions)
+            weight, agree = self.pixel_terms(lab, scene, regions, ideal)
             scores.append(float((weight * agree).sum()))
             maps.append(weight * agree if self.pixel_map == "balanced" else agree / agree.size)
-            parts.append(sub_scores(lab, scene, regions))
+            parts.append(sub_scores(lab, scene, regions, ideal))
         maps = torch.from_numpy(np.stack(maps).astype(np.float32))  # [B, H, W]
         parts = {k: torch.tensor([p[k] for p in parts], dtype=torch.float32) for k in PARTS}
         return RewardOutput(torch.tensor(scores, dtype=torch.float32), maps, parts=parts)
 
     def pixel_terms(
-        self, labels: np.ndarray, scene: Scene, regions: dict | None = None
+        self, labels: np.ndarray, scene: Scene, regions: dict | None = None, placed: list[Placed] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Each pixel's weight and its agreement with the ideal scene  [H, W] float32 each;
-        sum(weight x agree) is the reward."""
+        """Each pixel's weight and its agreement with the ideal scene (``placed``, computed when not
+        given)  [H, W] float32 each; sum(weight x agree) is the reward."""
         size = labels.shape[0]
+        placed = ideal_scene(labels, scene, regions) if placed is None else placed
         ideal = np.full_like(labels, PALETTE_NAMES.index(scene.background_color))
-        for p in ideal_scene(labels, scene, regions):
+        for p in placed:
             ideal[shape_mask(p.shape, p.cx, p.cy, p.r, size)] = PALETTE_NAMES.index(p.color)
         agree = (labels == ideal).astype(np.float32)
         weight = np.zeros(labels.shape, dtype=np.float32)
