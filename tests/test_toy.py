@@ -345,3 +345,31 @@ def test_the_default_demo_learns_its_relations(cache_dir, tmp_path):
     assert (run / "before_after.png").exists() and (run / "eval" / "first.pt").exists()
     train = [r for r in read_metrics(run) if "train/prdp_pairs" in r]
     assert len(train) == 48 and all(r["train/prdp_pairs"] > 0 for r in train)
+
+
+def test_relation_order_names_what_went_wrong_by_hand():
+    """experiments/relation_order.py's reading of one image: the relation holds, the objects are in the
+    other order, they are not on the relation's axis, or one of them is missing."""
+    import importlib.util
+
+    from rlft.toy.rewards import classify
+    from tests.conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("relation_order", REPO / "experiments" / "relation_order.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def read(*placed: Placed) -> str:
+        labels = classify(torch.from_numpy(draw(list(placed), "white"))[None], 0.3).numpy()[0]
+        return module.outcome(labels, "a red circle left of a blue square")
+
+    def red(x, y):
+        return Placed("red", "circle", x, y, 5)
+
+    def blue(x, y):
+        return Placed("blue", "square", x, y, 5)
+
+    assert read(red(8, 16), blue(24, 16)) == "holds"
+    assert read(red(24, 16), blue(8, 16)) == "swapped"
+    assert read(red(16, 7), blue(16, 25)) == "neither"  # one above the other
+    assert read(red(8, 16)) == "missing"
