@@ -24,30 +24,26 @@ OUTCOMES = ("holds", "swapped", "neither", "missing")
 
 
 def outcome(labels, text: str) -> str:
+    """What one image of a relation prompt shows (labels: toy_alignment's palette index per pixel)."""
     from rlft.toy.grammar import parse
-    from rlft.toy.render import Placed, relation_holds
-    from rlft.toy.rewards import FIT_SLACK, MIN_PIXELS, _extent, color_regions
+    from rlft.toy.render import relation_holds
+    from rlft.toy.rewards import FIT_SLACK, color_regions, free_fits
 
     scene = parse(text)
-    regions = color_regions(labels, scene)
-    fits = []
-    for obj in scene.objects:
-        big = [g for g in regions[obj.color] if g.sum() >= MIN_PIXELS]
-        if big:
-            fits.append(Placed(obj.color, obj.shape, *_extent(big[0], obj.shape)))
+    fits, _ = free_fits(scene, color_regions(labels, scene), labels.shape[0])
     if len(fits) < 2:
         return "missing"
-    if relation_holds(*fits, scene.relation, slack=FIT_SLACK):
+    a, b = fits[0][2], fits[1][2]
+    if relation_holds(a, b, scene.relation, slack=FIT_SLACK):
         return "holds"
-    return "swapped" if relation_holds(*fits, OPPOSITE[scene.relation], slack=FIT_SLACK) else "neither"
+    return "swapped" if relation_holds(a, b, OPPOSITE[scene.relation], slack=FIT_SLACK) else "neither"
 
 
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
-    from rlft.seeding import EVAL, sample_noise
     from rlft.toy import WEIGHTS
     from rlft.toy.grammar import ToyPrompts, parse
-    from rlft.toy.quality import load_toy
+    from rlft.toy.quality import evaluation_images, load_toy
     from rlft.toy.rewards import classify
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,12 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         unique = [p.text for p in ToyPrompts(split, template="relation").evaluation_prompts(args.prompts)]
         texts = [t for t in unique for _ in range(args.seeds)]
         counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-        for start in range(0, len(texts), 64):
-            chunk = texts[start : start + 64]
-            noise = sample_noise(
-                [(0, EVAL, 1234, i) for i in range(start, start + len(chunk))], 10, policy.latent_shape
-            )
-            images = sampler.sample(policy, policy.encode(chunk), noise, lambda lp: lp.mean(dim=(1, 2, 3))).images
+        for chunk, images in evaluation_images(policy, sampler, texts, steps=10):
             for labels, text in zip(classify(images, 0.3).numpy(), chunk):
                 counts[parse(text).relation][outcome(labels, text)] += 1
         for relation in OPPOSITE:

@@ -1,6 +1,6 @@
 """Fully sharded data parallel (FSDP2): full finetuning of a denoiser that does not fit one GPU.
 
-Launched with accelerate's FSDP config (``accelerate launch --config_file conf/accelerate/fsdp.yaml
+Launched with accelerate's FSDP config (``accelerate launch --config_file experiments/accelerate/fsdp.yaml
 -m rlft ...``), ``accelerator.prepare`` shards the denoiser's blocks over the processes
 (``torch.distributed.fsdp.fully_shard``); each forward gathers a block's weights and frees them again,
 each backward reduce-scatters the gradients, and AdamW's moments live only as shards. Everything else

@@ -42,10 +42,20 @@ def load_toy(path: str, steps: int = 10):
     return policy, DDIM(steps, eta=1.0, guidance_scale=5.0).setup(policy.scheduler_config)
 
 
+def evaluation_images(policy, sampler, texts: list[str], steps: int, chunk: int = 64):
+    """The evaluation's images of ``texts``, ``chunk`` at a time: (texts, images [n, 3, H, W]) pairs,
+    image i drawn from the noise (seed 0, EVAL, eval_seed 1234, i) as a run's evaluation draws it."""
+    from rlft.seeding import EVAL, sample_noise
+
+    for start in range(0, len(texts), chunk):
+        part = texts[start : start + chunk]
+        noise = sample_noise([(0, EVAL, 1234, i) for i in range(start, start + len(part))], steps, policy.latent_shape)
+        yield part, sampler.sample(policy, policy.encode(part), noise, lambda lp: lp.mean(dim=(1, 2, 3))).images
+
+
 def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10) -> dict:
     """{split: {row: (mean, se, n)}} for rows all / single_object / two_objects / each sub-score, and
     a few images per split (single- and two-object prompts, first seed) for a grid."""
-    from rlft.seeding import EVAL, sample_noise
     from rlft.toy.grammar import ToyPrompts, parse
     from rlft.toy.rewards import ToyAlignment
 
@@ -56,17 +66,12 @@ def measure(path: str, prompts: int = 128, seeds: int = 2, steps: int = 10) -> d
         unique = [p.text for p in ToyPrompts(split).evaluation_prompts(prompts)]
         texts = [p for p in unique for _ in range(seeds)]
         scores, parts, images = [], {}, []
-        for start in range(0, len(texts), 64):
-            chunk = texts[start : start + 64]
-            noise = sample_noise(
-                [(0, EVAL, 1234, i) for i in range(start, start + len(chunk))], steps, policy.latent_shape
-            )
-            traj = sampler.sample(policy, policy.encode(chunk), noise, lambda lp: lp.mean(dim=(1, 2, 3)))
-            r = reward(traj.images, chunk, [{}] * len(chunk))
+        for chunk, drawn in evaluation_images(policy, sampler, texts, steps):
+            r = reward(drawn, chunk, [{}] * len(chunk))
             scores += r.scores.tolist()
             for k, v in r.parts.items():
                 parts.setdefault(k, []).extend(v.tolist())
-            images.append(traj.images)
+            images.append(drawn)
         images = torch.cat(images)
         single = [parse(t).relation is None for t in texts]
         nan = float("nan")

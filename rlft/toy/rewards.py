@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from rlft.errors import ConfigError
 from rlft.rewards.base import Reward, RewardOutput
 from rlft.rewards.color import ColorTarget
-from rlft.toy.grammar import PALETTE, ParseError, Scene, parse
+from rlft.toy.grammar import PALETTE, ObjectSpec, ParseError, Scene, parse
 from rlft.toy.render import (
     GAP,
     SHAPE_AREA,
@@ -214,7 +214,6 @@ def sub_scores(
     (``regions`` and ``ideal``, the :func:`ideal_scene`, are computed when not given)."""
     size = labels.shape[0]
     regions = color_regions(labels, scene) if regions is None else regions
-    min_pixels = MIN_PIXELS * (size / 32) ** 2
     nan = float("nan")
     out = dict.fromkeys(PARTS, nan)
     ideal = ideal_scene(labels, scene, regions) if ideal is None else ideal
@@ -224,19 +223,14 @@ def sub_scores(
         ideal_bg &= ~shape_mask(p.shape, p.cx, p.cy, p.r, size)
     out["background"] = float((labels[ideal_bg] == bg_index).mean()) if ideal_bg.any() else nan
     copies = scene.count if scene.relation is None else 1
-    found, described, fits = 0, 0, []  # fits: (object, region, free fit) per found object
-    for obj in scene.objects:
-        big = [r for r in regions[obj.color] if r.sum() >= min_pixels]
-        described += copies
-        found += min(len(big), copies)
-        for region in big[:copies]:
-            fits.append((obj, region, _extent(region, obj.shape)))
-        if scene.relation is None:
-            out["count"] = float(len(big) == scene.count)
-    out["color"] = found / described
+    fits, counts = free_fits(scene, regions, size)
+    out["color"] = sum(min(n, copies) for n in counts) / (copies * len(scene.objects))
+    if scene.relation is None:
+        out["count"] = float(counts[0] == scene.count)
     if fits:
         shapes, sizes = [], []
-        for obj, region, (_, _, r) in fits:
+        for obj, region, fit in fits:
+            r = fit.r
             ious = {s: _fit(region, s, (0.5, size / 2), _free_box(size))[1] for s in SHAPE_AREA}
             shapes.append(max(ious, key=ious.get) == obj.shape)
             gaps = {z: max(lo - r, r - hi, 0.0) for z, (lo, hi) in ((z, size_range(z, size)) for z in SIZE_RANGES)}
@@ -245,7 +239,8 @@ def sub_scores(
     if scene.place is not None:
         out["place"] = 0.0
         if fits:
-            (row, col), (cx, cy, r) = scene.place, fits[0][2]
+            (row, col), (_, _, fit) = scene.place, fits[0]
+            cx, cy, r = fit.cx, fit.cy, fit.r
             inside = [
                 lo - FIT_SLACK <= v <= hi + FIT_SLACK
                 for v, (lo, hi) in ((cx, cell_range(col, r, size)), (cy, cell_range(row, r, size)))
@@ -254,10 +249,25 @@ def sub_scores(
     if scene.relation is not None:
         out["relation"] = 0.0
         if len(fits) == 2:
-            (a, _, fa), (b, _, fb) = fits
-            pa, pb = Placed(a.color, a.shape, *fa), Placed(b.color, b.shape, *fb)
-            out["relation"] = float(relation_holds(pa, pb, scene.relation, slack=FIT_SLACK))
+            out["relation"] = float(relation_holds(fits[0][2], fits[1][2], scene.relation, slack=FIT_SLACK))
     return out
+
+
+def free_fits(
+    scene: Scene, regions: dict[str, list[np.ndarray]], size: int
+) -> tuple[list[tuple[ObjectSpec, np.ndarray, Placed]], list[int]]:
+    """The objects found, read without the prompt's constraints: (object, region, the free fit of its
+    shape there) for each described object (each copy of a counted one) whose colour has a region of at
+    least MIN_PIXELS (scaled with the area), largest regions first; and how many such regions each
+    object's colour has."""
+    min_pixels = MIN_PIXELS * (size / 32) ** 2
+    copies = scene.count if scene.relation is None else 1
+    fits, counts = [], []
+    for obj in scene.objects:
+        big = [r for r in regions[obj.color] if r.sum() >= min_pixels]
+        counts.append(len(big))
+        fits += [(obj, region, Placed(obj.color, obj.shape, *_extent(region, obj.shape))) for region in big[:copies]]
+    return fits, counts
 
 
 def _default_relation_centre(relation: str, k: int, size: int) -> tuple[float, float]:
