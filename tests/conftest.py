@@ -170,35 +170,67 @@ def run_cli(
 
 
 def run_process(cmd: list[str], cache_dir: Path, timeout: float = 600, env: dict | None = None):
-    """subprocess.run in the test environment, with the scaled time limit and its one-line failure."""
+    """``cmd`` in the test environment, with the scaled time limit and its one-line failure. A
+    `python -m <module> ...` with no variables of its own runs in a child forked from this test
+    process's warm start (tests/cli_server.py: rlft and its libraries imported once, ~5 s a process
+    saved); anything else (a launcher, ``env``, ``python -c``) in a fresh subprocess."""
     limit = timeout_s(timeout)
-    try:
-        return subprocess.run(
-            cmd, cwd=REPO, env=subprocess_env(cache_dir, env), capture_output=True, text=True, timeout=limit
-        )
-    except subprocess.TimeoutExpired:
-        pass
+    if not env and len(cmd) > 2 and cmd[:2] == [sys.executable, "-m"]:
+        result = _warm_start(cache_dir).run(cmd, limit)
+        if result is not None:
+            return result
+    else:
+        try:
+            return subprocess.run(
+                cmd, cwd=REPO, env=subprocess_env(cache_dir, env), capture_output=True, text=True, timeout=limit
+            )
+        except subprocess.TimeoutExpired:
+            pass
     too_slow(cmd, limit)  # outside the except block: one line, no chained traceback
 
 
-def run_cli_batch(
-    arg_lists: list[list[str]], cache_dir: Path, timeout: float = 900
-) -> list[subprocess.CompletedProcess]:
-    """`python -m rlft <args>` for each of ``arg_lists``, as run_cli runs them, at the cost of one start-up
-    (tests/cli_batch.py: each command line in a forked process); ``timeout`` covers them all."""
-    import tempfile
+class _WarmStart:
+    """One tests/cli_server.py process over pipes: a case a line in, a result a line out."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        spec, out = Path(tmp) / "cases.json", Path(tmp) / "results.json"
-        spec.write_text(json.dumps([{"args": ["trainer.progress_bar=false", *args]} for args in arg_lists]))
-        cmd = [sys.executable, "-m", "tests.cli_batch", str(spec), str(out)]
-        driver = run_process(cmd, cache_dir, timeout)
-        assert driver.returncode == 0, driver.stderr[-3000:]
-        results = json.loads(out.read_text())
-    return [
-        subprocess.CompletedProcess(["rlft", *args], r["code"], r["stdout"], r["stderr"])
-        for args, r in zip(arg_lists, results, strict=True)
-    ]
+    def __init__(self, cache_dir: Path):
+        self.server = subprocess.Popen(
+            [sys.executable, "-m", "tests.cli_server"],
+            cwd=REPO,
+            env=subprocess_env(cache_dir),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._answer(timeout_s(120))  # {"ready": true} once the imports are done
+
+    def _answer(self, limit: float) -> dict:
+        import select
+
+        ready, _, _ = select.select([self.server.stdout], [], [], limit)
+        line = self.server.stdout.readline() if ready else ""
+        if not line:
+            self.server.kill()
+            code = self.server.poll()
+            raise RuntimeError(f"the tests' warm start (tests/cli_server.py) did not answer (exit status {code})")
+        return json.loads(line)
+
+    def run(self, cmd: list[str], limit: float) -> subprocess.CompletedProcess | None:
+        """The result of ``cmd`` (`python -m <module> <args>`), or None when it outlived ``limit``."""
+        self.server.stdin.write(json.dumps({"module": cmd[2], "args": cmd[3:], "limit": limit}) + "\n")
+        self.server.stdin.flush()
+        r = self._answer(limit + 60)
+        return None if r["code"] == "timeout" else subprocess.CompletedProcess(cmd, r["code"], r["stdout"], r["stderr"])
+
+
+_WARM: dict[Path, _WarmStart] = {}
+
+
+def _warm_start(cache_dir: Path) -> _WarmStart:
+    """This test process's warm start for ``cache_dir`` (made on first use; it ends with this process,
+    when its stdin closes)."""
+    if cache_dir not in _WARM or _WARM[cache_dir].server.poll() is not None:
+        _WARM[cache_dir] = _WarmStart(cache_dir)
+    return _WARM[cache_dir]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -246,7 +278,7 @@ def train_every_algorithm(root: Path, model: list[str], cache_dir: Path) -> None
     """Run EVERY_ALGORITHM through `python -m rlft` (``model``'s overrides, one FLOW_EPOCH) into
     ``root/<case>``; each must finish, take a finite step with a gradient and write its checkpoint."""
     runs = [[f"paths.output_root={root}", f"run_name={n}", *model, *FLOW_EPOCH, *a] for n, a in EVERY_ALGORITHM.items()]
-    for name, r in zip(EVERY_ALGORITHM, run_cli_batch(runs, cache_dir)):
+    for name, r in zip(EVERY_ALGORITHM, (run_cli(args, cache_dir) for args in runs)):
         assert r.returncode == 0, (name, r.stderr[-3000:])
         train = next(row for row in read_metrics(root / name) if "train/loss" in row)
         assert train["train/grad_norm"] > 0 and math.isfinite(train["train/loss"]), (name, train)

@@ -4,8 +4,7 @@ Each case of the table below starts from its own copy of an earlier run (one com
 epoch_00001), asks `python -m rlft` to continue it to epoch 2 with one thing wrong, and must end with a
 non-zero exit, no traceback, exactly one ``rlft: error:`` line naming the key or file at fault (Hydra's
 own message for what Hydra composes: unknown options, keys and types), and the run directory's
-checkpoints byte for byte as they were. The cases run through tests/cli_batch.py: one start-up, each
-case in a forked `python -m rlft`.
+checkpoints byte for byte as they were.
 
 The read-only and full-disk cases mount small tmpfs file systems (root only); elsewhere they are
 skipped with the reason.
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import FAST, run_cli, run_cli_batch
+from tests.conftest import FAST, run_cli
 from tests.helpers import save_tiny_hps
 
 RUN = "run"  # the run's name in every case's output root
@@ -278,7 +277,7 @@ def batch(cache_dir, tiny_path, tmp_path_factory):
         run_names = [n for n in cases if n not in skipped]
         before = {n: _fingerprint(roots[n][0] / RUN) for n in run_names}
         args = [[f"paths.output_root={roots[n][1]}", *_overrides(*cases[n][0])] for n in run_names]
-        results = dict(zip(run_names, run_cli_batch(args, cache_dir), strict=True))
+        results = dict(zip(run_names, [run_cli(a, cache_dir) for a in args], strict=True))
         after = {n: _fingerprint(roots[n][0] / RUN) for n in run_names}
         leftovers = {n: sorted(p.name for p in (roots[n][0] / RUN / "checkpoints").glob("*.tmp")) for n in run_names}
         yield {

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from rlft.config import compose_run, register_configs, validate
 from rlft.errors import ConfigError
 from rlft.presets import follow_the_reward
-from tests.conftest import REPO, run_cli_batch
+from tests.conftest import REPO, run_cli
 
 CONF = REPO / "conf"
 GROUPS = ["model", "reward", "algorithm", "dataset", "sampler", "trainer", "optimizer", "logger"]
@@ -251,9 +251,9 @@ BAD_INPUTS = [
 
 @pytest.fixture(scope="module")
 def bad_input_results(cache_dir, tmp_path_factory):
-    """Every BAD_INPUTS command line run once (one start-up: tests/cli_batch.py)."""
+    """Every BAD_INPUTS command line run once."""
     root = tmp_path_factory.mktemp("bad_inputs_default")
-    results = run_cli_batch([[f"paths.output_root={root}", *b[0]] for b in BAD_INPUTS], cache_dir)
+    results = [run_cli([f"paths.output_root={root}", *b[0]], cache_dir) for b in BAD_INPUTS]
     return {" ".join(b[0]): r for b, r in zip(BAD_INPUTS, results, strict=True)}
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rlft.report import report
-from tests.conftest import read_metrics, run_cli_batch
+from tests.conftest import read_metrics, run_cli
 
 # four prompts on dark backgrounds: brightness has room to rise, and washing the background out
 # is exactly what toy_alignment's background and colour scores see
@@ -53,7 +53,7 @@ def test_a_hacked_reward_is_flagged_and_the_kl_penalty_holds_the_images_near_the
     prompts = tmp_path / "dark.txt"
     prompts.write_text("\n".join(DARK) + "\n")
     root = tmp_path / "runs"
-    results = run_cli_batch([_args(root, prompts, "free", 0.0), _args(root, prompts, "kl", 0.1)], cache_dir)
+    results = [run_cli(_args(root, prompts, name, kl), cache_dir) for name, kl in (("free", 0.0), ("kl", 0.1))]
     for r in results:
         assert r.returncode == 0, r.stderr[-3000:]
     free, kl = (read_metrics(root / n)[-1] for n in ("free", "kl"))

@@ -1,0 +1,125 @@
+"""Run `python -m <module> ...` command lines at the cost of one start-up (the tests' warm start).
+
+    python -m tests.cli_server       # started by tests/conftest.py, one per test process
+
+This process imports rlft and its libraries once and computes nothing (no thread pool is started
+before a fork). It then reads one case a line on stdin, {"module", "args", "limit"}, runs it in a
+forked child as `python -m <module> <args>` runs (the module executed as __main__, the same exit
+status rules; at the end the atexit handlers that the run registered, and logging flushed), with
+the child's stdout and stderr in files, and answers one line on its stdout: {"code", "stdout",
+"stderr"}; a case that outlives its limit is killed and gets code "timeout". Whatever the imports
+wrote to stderr starts every case's stderr, as it would in a fresh interpreter. It exits when its
+stdin closes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import runpy
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+
+def _child(module: str, args: list[str], out: str, err: str) -> None:
+    """Become `python -m <module> <args>`: never returns."""
+    code = 1
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        for fd, name in ((1, out), (2, err)):
+            target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+        sys.argv = [module, *args]
+        # the handlers the imports registered belong to the server (a temporary directory that wandb made
+        # at import is shared by every child): each child runs only those its own run registers
+        atexit._clear()
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:  # as the interpreter treats it
+        if exc.code is None:
+            code = 0
+        elif isinstance(exc.code, int):
+            code = exc.code
+        else:
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - an uncaught exception: the interpreter prints its traceback
+        traceback.print_exc()
+    finally:
+        try:  # what the interpreter does at exit: wait for non-daemon threads, run the atexit handlers
+            for thread in threading.enumerate():
+                if thread is not threading.main_thread() and not thread.daemon:
+                    thread.join()
+            atexit._run_exitfuncs()
+            logging.shutdown()  # registered at exit by the logging module, i.e. by the server: flush the files
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def run_case(case: dict, scratch: Path, preamble: str) -> dict:
+    out, err = scratch / "stdout", scratch / "stderr"
+    pid = os.fork()
+    if pid == 0:
+        _child(case["module"], case["args"], str(out), str(err))
+    deadline = time.time() + float(case["limit"])
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            status = None
+            break
+        time.sleep(0.02)
+    code = "timeout" if status is None else os.waitstatus_to_exitcode(status)
+    stderr = preamble + err.read_text(errors="replace")
+    return {"code": code, "stdout": out.read_text(errors="replace"), "stderr": stderr}
+
+
+def main() -> None:
+    answers = os.fdopen(os.dup(1), "w")  # the answers' channel; fd 1 is stderr from here on
+    os.dup2(2, 1)
+    # a plain directory, not a TemporaryDirectory: its clean-up would be an atexit handler of every child
+    scratch = Path(tempfile.mkdtemp(prefix="rlft_cli_server_"))
+    try:
+        # the libraries a run imports, loaded once (importing starts no threads); what they write to
+        # stderr is kept for every case
+        saved = os.dup(2)
+        target = os.open(scratch / "imports.err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(target, 2)
+        try:
+            import accelerate  # noqa: F401
+            import diffusers  # noqa: F401
+            import open_clip  # noqa: F401
+            import transformers  # noqa: F401
+
+            import rlft.runner  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(target)
+        preamble = (scratch / "imports.err").read_text(errors="replace")
+        answers.write(json.dumps({"ready": True}) + "\n")
+        answers.flush()
+        for line in sys.stdin:
+            answers.write(json.dumps(run_case(json.loads(line), scratch, preamble)) + "\n")
+            answers.flush()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
