@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -223,6 +224,23 @@ def test_pretraining_script_is_deterministic_and_writes_a_loadable_pipeline(tmp_
     policy = DiffusionPolicy.from_pretrained(str(tmp_path / "a"), finetune="full")
     assert policy.latent_shape == (8, 8, 8) and policy.vae_scale_factor == 4
     assert policy.encode_prompts(["a red circle", ""]).shape == (2, 20, 64)
+
+    # more pretraining of "a" (init_from): no step leaves its weights and VAE scale as they were, a step
+    # moves the text encoder and UNet only; the scenes are the relation_share asked for
+    from rlft.toy.pretrain import render_dataset
+
+    more = dict(images=64, unet_steps=0, batch=8, seed=1, log=lambda _: None, relation_share=0.9, unet_lr=3e-4)
+    summary = pretrain(str(tmp_path / "c"), init_from=str(tmp_path / "a"), **more)
+    c = _weights(tmp_path / "c")
+    assert all(torch.equal(a[part][k], c[part][k]) for part in a for k in a[part])
+    scale = lambda d: json.loads((d / "vae" / "config.json").read_text())["scaling_factor"]  # noqa: E731
+    assert scale(tmp_path / "c") == scale(tmp_path / "a") and summary["init_from"] == str(tmp_path / "a")
+    pretrain(str(tmp_path / "d"), init_from=str(tmp_path / "a"), **{**more, "unet_steps": 2})
+    d = _weights(tmp_path / "d")
+    assert all(torch.equal(a["vae"][k], d["vae"][k]) for k in a["vae"])
+    assert not all(torch.equal(a["unet"][k], d["unet"][k]) for k in a["unet"])
+    _, texts = render_dataset(400, seed=1, relation_share=0.9)
+    assert 0.85 < sum(parse(t).relation is not None for t in texts) / 400 < 0.95
 
 
 def test_pretraining_stopped_in_each_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):

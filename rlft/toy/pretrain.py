@@ -1,6 +1,9 @@
 """Pretrain the toy text-to-image model on rendered scenes; write it in the diffusers layout.
 
     python -m rlft.toy.pretrain --out rlft/toy/weights      # make toy-weights (~2 h on 2 CPU cores)
+    # more pretraining of a trained model, here on 80% relation scenes:
+    python -m rlft.toy.pretrain --out DIR --init-from rlft/toy/weights --unet-steps 1200 --unet-lr 3e-4 \\
+        --relation-share 0.8
 
 Stopped at any point, the same command continues where it was: every stage keeps its state
 (weights, optimizer, EMA, step) in ``<out>.work/`` every few hundred steps, and every batch and
@@ -49,6 +52,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rlft.errors import RlftError
 from rlft.seeding import seeded_generator
 from rlft.toy.grammar import (
     BACKGROUNDS,
@@ -167,13 +171,14 @@ def toy_scheduler():
     )
 
 
-def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """``n`` rendered train-split scenes, half single-object and half two-object  ([n,3,32,32] in [-1,1], texts)."""
+def render_dataset(n: int, seed: int, relation_share: float = 0.5) -> tuple[torch.Tensor, list[str]]:
+    """``n`` rendered train-split scenes, a ``relation_share`` of them two-object (relation) prompts and
+    the rest single-object ones  ([n,3,32,32] in [-1,1], texts)."""
     rng = np.random.default_rng(seed)
     train = split_codes("train")
     singles, relations = train[train < N_SINGLE], train[train >= N_SINGLE]
     codes = np.where(
-        rng.random(n) < 0.5, rng.choice(singles, n), rng.choice(relations, n)
+        rng.random(n) < 1 - relation_share, rng.choice(singles, n), rng.choice(relations, n)
     )  # one draw per image, in a fixed order
     scenes = [decode(c) for c in codes]
     images = np.stack([render(s, rng) for s in scenes])
@@ -254,12 +259,13 @@ def train_vae(vae, images: torch.Tensor, steps: int, batch: int, lr: float, seed
 
 
 @torch.no_grad()
-def encode_latents(vae, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """Posterior means, scaled by 1 / their std (written into the VAE config)  [n, 8, 8, 8]."""
+def encode_latents(vae, images: torch.Tensor, batch: int = 512, keep_scale: bool = False) -> torch.Tensor:
+    """Posterior means, scaled by 1 / their std (written into the VAE config; with ``keep_scale``, by the
+    config's scaling_factor, which a trained UNet was trained with)  [n, 8, 8, 8]."""
     z = torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
-    scale = 1.0 / z.std().item()
-    vae.register_to_config(scaling_factor=scale)
-    return z * scale
+    if not keep_scale:
+        vae.register_to_config(scaling_factor=1.0 / z.std().item())
+    return z * vae.config.scaling_factor
 
 
 @torch.no_grad()
@@ -348,11 +354,19 @@ def pretrain(
     log=print,
     work: str | None = None,
     vae_from: str | None = None,
+    init_from: str | None = None,
+    relation_share: float = 0.5,
+    unet_lr: float = 1e-3,
 ) -> dict:
     """All three stages; writes the pipeline to ``out`` and returns a summary (also saved as pretrain.json).
     ``work`` (default ``<out>.work``) keeps the resumable state; it is removed when the pipeline is written.
     ``vae_from``: a toy pipeline directory whose VAE replaces stage 2 (an earlier run of the same
-    stage: same images, steps and seed), recorded in the summary."""
+    stage: same images, steps and seed), recorded in the summary. ``init_from``: a toy pipeline
+    directory whose VAE is kept and whose text encoder and UNet stage 3 continues from (more
+    pretraining of a trained model, e.g. on more relation prompts: ``relation_share``, the fraction
+    of two-object scenes, at peak learning rate ``unet_lr``)."""
+    if init_from is not None:
+        vae_from = init_from
     from rlft.models import save_pipeline
 
     start = time.time()
@@ -368,7 +382,17 @@ def pretrain(
     tokenizer = build_tokenizer()
     text_encoder, vae, unet = build_models(tokenizer, seed)
     scheduler = toy_scheduler()
-    pixels, texts = render_dataset(images, seed)
+    if init_from is not None:
+        from diffusers import UNet2DConditionModel
+        from transformers import AutoTokenizer, CLIPTextModel
+
+        if not all((Path(init_from) / part).is_dir() for part in ("tokenizer", "text_encoder", "unet", "vae")):
+            raise RlftError(f"{init_from} is not a toy model directory (tokenizer/, text_encoder/, unet/, vae/)")
+        if AutoTokenizer.from_pretrained(Path(init_from) / "tokenizer").get_vocab() != tokenizer.get_vocab():
+            raise RlftError(f"{init_from} has another vocabulary than this grammar's: it cannot be pretrained further")
+        text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet")
+    pixels, texts = render_dataset(images, seed, relation_share)
     log_and_clock(f"rendered {len(texts)} scenes in {time.time() - start:.0f} s")
     vae_done = work_dir / "vae_final.pt"
     if vae_from is not None:
@@ -387,7 +411,7 @@ def pretrain(
         vae_loss = train_vae(vae, pixels, vae_steps, batch, 1e-3, seed, log_and_clock, work_dir)
         torch.save({"vae": vae.state_dict(), "loss": vae_loss}, vae_done.with_suffix(".tmp"))
         os.replace(vae_done.with_suffix(".tmp"), vae_done)
-    latents = encode_latents(vae, pixels)
+    latents = encode_latents(vae, pixels, keep_scale=init_from is not None)
     vae_accuracy = reconstruction_accuracy(vae, pixels[:512], latents[:512])
     tok = lambda prompts: tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
     ids, empty_ids = tok(texts).input_ids, tok([""]).input_ids[0]
@@ -396,13 +420,27 @@ def pretrain(
         f"pixels whose palette colour survives encode+decode: {vae_accuracy:.4f}"
     )
     unet_loss = train_denoiser(
-        text_encoder, unet, scheduler, latents, ids, empty_ids, unet_steps, batch, 1e-3, seed, log_and_clock, work_dir
+        text_encoder,
+        unet,
+        scheduler,
+        latents,
+        ids,
+        empty_ids,
+        unet_steps,
+        batch,
+        unet_lr,
+        seed,
+        log_and_clock,
+        work=work_dir,
     )
     save_pipeline(out, tokenizer, text_encoder, unet, vae, scheduler)
     summary = {
         "images": images,
         "vae_steps": vae_steps,
         "vae_from": vae_from,
+        "init_from": init_from,
+        "relation_share": relation_share,
+        "unet_lr": unet_lr,
         "unet_steps": unet_steps,
         "batch": batch,
         "seed": seed,
@@ -437,8 +475,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-from", help="reuse the VAE of this toy pipeline directory (an earlier run's)")
+    parser.add_argument(
+        "--init-from", help="continue from this toy pipeline directory: its VAE, its text encoder and UNet trained on"
+    )
+    parser.add_argument("--relation-share", type=float, default=0.5, help="fraction of two-object scenes")
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak learning rate of the denoiser stage")
     args = parser.parse_args()
-    pretrain(args.out, args.images, args.vae_steps, args.unet_steps, args.batch, args.seed, vae_from=args.vae_from)
+    try:
+        pretrain(
+            args.out,
+            args.images,
+            args.vae_steps,
+            args.unet_steps,
+            args.batch,
+            args.seed,
+            vae_from=args.vae_from,
+            init_from=args.init_from,
+            relation_share=args.relation_share,
+            unet_lr=args.unet_lr,
+        )
+    except RlftError as exc:  # a model that cannot be pretrained further: one line
+        parser.error(str(exc))
 
 
 if __name__ == "__main__":
