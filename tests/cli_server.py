@@ -5,18 +5,22 @@
 This process imports rlft and its libraries once and computes nothing (no thread pool is started
 before a fork). It then reads one case a line on stdin, {"module", "args", "limit"}, runs it in a
 forked child as `python -m <module> <args>` runs (the module executed as __main__, the same exit
-status rules; at the end the atexit handlers that the run registered, and logging flushed), with
-the child's stdout and stderr in files, and answers one line on its stdout: {"code", "stdout",
-"stderr"}; a case that outlives its limit is killed and gets code "timeout". Whatever the imports
-wrote to stderr starts every case's stderr, as it would in a fresh interpreter. It exits when its
-stdin closes.
+status rules, and at the end what the interpreter does: non-daemon threads joined, the atexit
+handlers run), with the child's stdout and stderr in files, and answers one line on its stdout:
+{"code", "stdout", "stderr"}; a case that outlives its limit is killed and gets code "timeout".
+Whatever the imports wrote to stderr starts every case's stderr, as it would in a fresh
+interpreter. It exits when its stdin closes.
+
+Unlike fresh interpreters, the children share the server's hash seed and the state its imports
+left (NumPy's global generator included), so a difference that only a new hash seed would show
+is not seen between two of them; the tests that start fresh processes (launchers, runs with
+variables of their own, the kill tests) still see it.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
-import logging
 import os
 import runpy
 import shutil
@@ -25,14 +29,15 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
+import weakref
 from pathlib import Path
 
 
-def _child(module: str, args: list[str], out: str, err: str) -> None:
+def _child(module: str, args: list[str], out: str, err: str, answers: int) -> None:
     """Become `python -m <module> <args>`: never returns."""
     code = 1
     try:
+        os.close(answers)  # the server's channel is not the run's
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -40,10 +45,11 @@ def _child(module: str, args: list[str], out: str, err: str) -> None:
             target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
+        # objects the imports made with a clean-up at exit (a temporary directory that wandb makes at
+        # import) are the server's, shared by every child: the run's own clean-ups still run at its exit
+        for info in weakref.finalize._registry.values():
+            info.atexit = False
         sys.argv = [module, *args]
-        # the handlers the imports registered belong to the server (a temporary directory that wandb made
-        # at import is shared by every child): each child runs only those its own run registers
-        atexit._clear()
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as exc:  # as the interpreter treats it
@@ -54,45 +60,46 @@ def _child(module: str, args: list[str], out: str, err: str) -> None:
         else:
             print(exc.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - an uncaught exception: the interpreter prints its traceback
-        traceback.print_exc()
+        sys.excepthook(*sys.exc_info())
     finally:
-        try:  # what the interpreter does at exit: wait for non-daemon threads, run the atexit handlers
-            for thread in threading.enumerate():
-                if thread is not threading.main_thread() and not thread.daemon:
-                    thread.join()
+        try:  # what the interpreter does at exit: wait for non-daemon threads, then the atexit handlers
+            threading._shutdown()
             atexit._run_exitfuncs()
-            logging.shutdown()  # registered at exit by the logging module, i.e. by the server: flush the files
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
 
 
-def run_case(case: dict, scratch: Path, preamble: str) -> dict:
-    out, err = scratch / "stdout", scratch / "stderr"
+def run_case(case: dict, scratch: Path, preamble: str, answers: int, number: int) -> dict:
+    """One case in a forked child, its output in files of its own (read, then removed)."""
+    out, err = scratch / f"{number}.stdout", scratch / f"{number}.stderr"
     pid = os.fork()
     if pid == 0:
-        _child(case["module"], case["args"], str(out), str(err))
-    deadline = time.time() + float(case["limit"])
+        _child(case["module"], case["args"], str(out), str(err), answers)
+    deadline = time.monotonic() + float(case["limit"])
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             break
-        if time.time() > deadline:
+        if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             status = None
             break
         time.sleep(0.02)
     code = "timeout" if status is None else os.waitstatus_to_exitcode(status)
-    stderr = preamble + err.read_text(errors="replace")
-    return {"code": code, "stdout": out.read_text(errors="replace"), "stderr": stderr}
+    read = lambda path: path.read_text(errors="replace") if path.is_file() else ""  # noqa: E731
+    result = {"code": code, "stdout": read(out), "stderr": preamble + read(err)}
+    out.unlink(missing_ok=True)
+    err.unlink(missing_ok=True)
+    return result
 
 
 def main() -> None:
     answers = os.fdopen(os.dup(1), "w")  # the answers' channel; fd 1 is stderr from here on
     os.dup2(2, 1)
-    # a plain directory, not a TemporaryDirectory: its clean-up would be an atexit handler of every child
+    # a plain directory, not a TemporaryDirectory (whose clean-up is registered to run at exit)
     scratch = Path(tempfile.mkdtemp(prefix="rlft_cli_server_"))
     try:
         # the libraries a run imports, loaded once (importing starts no threads); what they write to
@@ -110,12 +117,13 @@ def main() -> None:
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
+            os.close(saved)
             os.close(target)
         preamble = (scratch / "imports.err").read_text(errors="replace")
         answers.write(json.dumps({"ready": True}) + "\n")
         answers.flush()
-        for line in sys.stdin:
-            answers.write(json.dumps(run_case(json.loads(line), scratch, preamble)) + "\n")
+        for number, line in enumerate(sys.stdin):
+            answers.write(json.dumps(run_case(json.loads(line), scratch, preamble, answers.fileno(), number)) + "\n")
             answers.flush()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -193,10 +193,11 @@ class _WarmStart:
     """One tests/cli_server.py process over pipes: a case a line in, a result a line out."""
 
     def __init__(self, cache_dir: Path):
+        self.env = subprocess_env(cache_dir)  # a later change of this process's environment starts a new one
         self.server = subprocess.Popen(
             [sys.executable, "-m", "tests.cli_server"],
             cwd=REPO,
-            env=subprocess_env(cache_dir),
+            env=self.env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -210,7 +211,7 @@ class _WarmStart:
         line = self.server.stdout.readline() if ready else ""
         if not line:
             self.server.kill()
-            code = self.server.poll()
+            code = self.server.wait()
             raise RuntimeError(f"the tests' warm start (tests/cli_server.py) did not answer (exit status {code})")
         return json.loads(line)
 
@@ -228,7 +229,11 @@ _WARM: dict[Path, _WarmStart] = {}
 def _warm_start(cache_dir: Path) -> _WarmStart:
     """This test process's warm start for ``cache_dir`` (made on first use; it ends with this process,
     when its stdin closes)."""
-    if cache_dir not in _WARM or _WARM[cache_dir].server.poll() is not None:
+    warm = _WARM.get(cache_dir)
+    if warm is None or warm.server.poll() is not None or warm.env != subprocess_env(cache_dir):
+        if warm is not None:
+            warm.server.kill()
+            warm.server.wait()
         _WARM[cache_dir] = _WarmStart(cache_dir)
     return _WARM[cache_dir]
 

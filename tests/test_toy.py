@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlft.errors import ConfigError
+from rlft.errors import ConfigError, RlftError
 from rlft.toy import WEIGHTS, ToyPrompts
 from rlft.toy.grammar import HELD_OUT, N_SINGLE, ObjectSpec, Scene, decode, parse, split_codes
 from rlft.toy.render import SHAPE_AREA, Placed, draw, render_batch, shape_mask, shape_masks
@@ -239,6 +239,11 @@ def test_pretraining_script_is_deterministic_and_writes_a_loadable_pipeline(tmp_
     d = _weights(tmp_path / "d")
     assert all(torch.equal(a["vae"][k], d["vae"][k]) for k in a["vae"])
     assert not all(torch.equal(a["unet"][k], d["unet"][k]) for k in a["unet"])
+    assert not all(torch.equal(a["text_encoder"][k], d["text_encoder"][k]) for k in a["text_encoder"])
+    with pytest.raises(RlftError, match="not a pretrained toy model directory"):
+        pretrain(str(tmp_path / "e"), init_from=str(tmp_path / "a" / "unet"), **more)
+    with pytest.raises(RlftError, match=r"in \[0, 1\]; got 1.5"):
+        pretrain(str(tmp_path / "e"), init_from=str(tmp_path / "a"), **{**more, "relation_share": 1.5})
     _, texts = render_dataset(400, seed=1, relation_share=0.9)
     assert 0.85 < sum(parse(t).relation is not None for t in texts) / 400 < 0.95
 

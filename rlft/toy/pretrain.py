@@ -365,7 +365,11 @@ def pretrain(
     directory whose VAE is kept and whose text encoder and UNet stage 3 continues from (more
     pretraining of a trained model, e.g. on more relation prompts: ``relation_share``, the fraction
     of two-object scenes, at peak learning rate ``unet_lr``)."""
+    if not 0 <= relation_share <= 1:
+        raise RlftError(f"relation_share is the fraction of two-object scenes, in [0, 1]; got {relation_share}")
     if init_from is not None:
+        if vae_from not in (None, init_from):
+            raise RlftError("init_from takes the VAE of the model it continues: leave vae_from unset")
         vae_from = init_from
     from rlft.models import save_pipeline
 
@@ -386,8 +390,9 @@ def pretrain(
         from diffusers import UNet2DConditionModel
         from transformers import AutoTokenizer, CLIPTextModel
 
-        if not all((Path(init_from) / part).is_dir() for part in ("tokenizer", "text_encoder", "unet", "vae")):
-            raise RlftError(f"{init_from} is not a toy model directory (tokenizer/, text_encoder/, unet/, vae/)")
+        parts = ("tokenizer", "text_encoder", "unet", "vae", "pretrain.json")
+        if not all((Path(init_from) / part).exists() for part in parts):
+            raise RlftError(f"{init_from} is not a pretrained toy model directory (it needs {', '.join(parts)})")
         if AutoTokenizer.from_pretrained(Path(init_from) / "tokenizer").get_vocab() != tokenizer.get_vocab():
             raise RlftError(f"{init_from} has another vocabulary than this grammar's: it cannot be pretrained further")
         text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder")
