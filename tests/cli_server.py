@@ -6,21 +6,23 @@ This process imports rlft and its libraries once and computes nothing (no thread
 before a fork). It then reads one case a line on stdin, {"module", "args", "limit"}, runs it in a
 forked child as `python -m <module> <args>` runs (the module executed as __main__, the same exit
 status rules, and at the end what the interpreter does: non-daemon threads joined, the atexit
-handlers run), with the child's stdout and stderr in files, and answers one line on its stdout:
-{"code", "stdout", "stderr"}; a case that outlives its limit is killed and gets code "timeout".
-Whatever the imports wrote to stderr starts every case's stderr, as it would in a fresh
-interpreter. It exits when its stdin closes.
+handlers that the run registered run, logging flushed), with the child's stdout and stderr in
+files, and answers one line on its stdout: {"code", "stdout", "stderr"}; a case that outlives its
+limit is killed and gets code "timeout". Whatever the imports wrote to stderr starts every case's
+stderr, as it would in a fresh interpreter. It exits when its stdin closes.
 
 Unlike fresh interpreters, the children share the server's hash seed and the state its imports
-left (NumPy's global generator included), so a difference that only a new hash seed would show
-is not seen between two of them; the tests that start fresh processes (launchers, runs with
-variables of their own, the kill tests) still see it.
+left (NumPy's global generator included), and the exit handlers that a library registered at
+import do not run (they would clean up the server's state for every later child). A difference
+that only a new hash seed would show is not seen between two children; the tests that start
+fresh processes (launchers, runs with variables of their own, the kill tests) still see it.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import runpy
 import shutil
@@ -45,10 +47,14 @@ def _child(module: str, args: list[str], out: str, err: str, answers: int) -> No
             target = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
-        # objects the imports made with a clean-up at exit (a temporary directory that wandb makes at
-        # import) are the server's, shared by every child: the run's own clean-ups still run at its exit
+        # the exit handlers the imports registered clean up the server's state, which every child shares
+        # (wandb makes a temporary directory at import and registers its removal): a child runs only the
+        # handlers and weakref finalizers its run registers, and flushes logging (whose handler is the
+        # imports') as the interpreter would
+        atexit._clear()
         for info in weakref.finalize._registry.values():
             info.atexit = False
+        weakref.finalize._registered_with_atexit = False
         sys.argv = [module, *args]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
@@ -65,6 +71,7 @@ def _child(module: str, args: list[str], out: str, err: str, answers: int) -> No
         try:  # what the interpreter does at exit: wait for non-daemon threads, then the atexit handlers
             threading._shutdown()
             atexit._run_exitfuncs()
+            logging.shutdown()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
