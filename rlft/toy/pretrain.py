@@ -344,6 +344,21 @@ def train_denoiser(
     return loss_avg
 
 
+def _trained_denoiser(path: str, tokenizer):
+    """The text encoder and UNet of the pretrained toy model at ``path``, to be trained further."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    parts = ("tokenizer", "text_encoder", "unet", "vae", "pretrain.json")
+    if not all((Path(path) / part).exists() for part in parts):
+        raise RlftError(f"{path} is not a pretrained toy model directory (it needs {', '.join(parts)})")
+    if AutoTokenizer.from_pretrained(Path(path) / "tokenizer").get_vocab() != tokenizer.get_vocab():
+        raise RlftError(f"{path} has another vocabulary than this grammar's: it cannot be pretrained further")
+    return CLIPTextModel.from_pretrained(Path(path) / "text_encoder"), UNet2DConditionModel.from_pretrained(
+        Path(path) / "unet"
+    )
+
+
 def pretrain(
     out: str,
     images: int = 96_000,
@@ -384,19 +399,11 @@ def pretrain(
         clock.write_text(json.dumps({"wall_s": earlier + time.time() - start}))
 
     tokenizer = build_tokenizer()
-    text_encoder, vae, unet = build_models(tokenizer, seed)
+    if init_from is None:
+        text_encoder, vae, unet = build_models(tokenizer, seed)
+    else:  # the VAE comes from vae_from (= init_from) below
+        text_encoder, unet = _trained_denoiser(init_from, tokenizer)
     scheduler = toy_scheduler()
-    if init_from is not None:
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        parts = ("tokenizer", "text_encoder", "unet", "vae", "pretrain.json")
-        if not all((Path(init_from) / part).exists() for part in parts):
-            raise RlftError(f"{init_from} is not a pretrained toy model directory (it needs {', '.join(parts)})")
-        if AutoTokenizer.from_pretrained(Path(init_from) / "tokenizer").get_vocab() != tokenizer.get_vocab():
-            raise RlftError(f"{init_from} has another vocabulary than this grammar's: it cannot be pretrained further")
-        text_encoder = CLIPTextModel.from_pretrained(Path(init_from) / "text_encoder")
-        unet = UNet2DConditionModel.from_pretrained(Path(init_from) / "unet")
     pixels, texts = render_dataset(images, seed, relation_share)
     log_and_clock(f"rendered {len(texts)} scenes in {time.time() - start:.0f} s")
     vae_done = work_dir / "vae_final.pt"
