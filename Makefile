@@ -36,7 +36,7 @@ studio: $(STAMP) ## the feedback studio on http://127.0.0.1:7860 (paint like/dis
 	$(BIN)/python -m rlft.studio
 
 # the suite in JOBS worker processes (pytest-xdist, one test file per worker at a time), one thread
-# each unless OMP_NUM_THREADS says otherwise: 13-16 min on 2 cores (JOBS=1: one process)
+# each unless OMP_NUM_THREADS says otherwise: 13-18 min on 2 cores (JOBS=1: one process)
 JOBS ?= 2
 test: $(STAMP) ## run the test suite (offline, CPU; JOBS=2 workers)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=12
