@@ -357,6 +357,13 @@ def _validate_family(model, sampler) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Start-up checks over the whole config (types, keys, values that cannot work)."""
+    dataset = cfg.get("dataset")
+    if isinstance(dataset, DictConfig) and "${dataset}" in str(OmegaConf.to_container(dataset).get("of")):
+        raise ConfigError(  # toy_rephrased / toy_swapped: rewordings of the training prompts, not a training set
+            "dataset",
+            f"{dataset._target_} rewords the training prompts (of: ${{dataset}}): for evaluation, not training",
+            "train on dataset=toy_relations and evaluate it with +dataset@eval_datasets.rephrased=toy_rephrased",
+        )
     for group in COMPONENT_GROUPS:
         validate_component(group, cfg.get(group))
     eval_datasets = cfg.get(EVAL_DATASETS)

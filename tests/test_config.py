@@ -37,6 +37,8 @@ def test_every_option_composes_and_validates(group, tmp_path):
         overrides = [f"{group}={option}"]
         if group == "dataset" and option == "file":
             overrides.append(f"dataset.path={tmp_path / 'p.txt'}")
+        if group == "dataset" and option in ("toy_rephrased", "toy_swapped"):  # rewordings of the training set
+            overrides = [f"+dataset@eval_datasets.check={option}"]  # evaluation only (BAD_INPUTS)
         if group == "model" and option in ("sd14", "sd15", "sd35_medium", "flux_dev"):
             overrides.append("reward=jpeg_compressibility")
         if group == "model" and option in (
@@ -201,6 +203,8 @@ BAD_INPUTS = [
     (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "@eval_datasets.unseen="], 2),
     (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
+    (["dataset.template=single"], ["eval_datasets.rephrased.of: toy_train_single_8 has no two-object", "~dataset@"], 2),
+    (["dataset=toy_rephrased"], ["dataset: rlft.toy.ToyRephrased rewords the training prompts", "=toy_rephrased"], 2),
     (
         ["eval_rewards=toy_color"],
         ["eval_rewards: is the plain value 'toy_color'", "+reward@eval_rewards.pickscore="],

@@ -228,6 +228,31 @@ def decode(code: int) -> Scene:
     )
 
 
+def encode(scene: Scene) -> int:
+    """The prompt code of a scene (inverse of :func:`decode`); ValueError for a scene no prompt describes."""
+
+    def digits(values: tuple[int, ...], radix: tuple[int, ...]) -> int:
+        code = 0
+        for value, base in zip(values, radix):
+            code = code * base + value
+        return code
+
+    bg = BACKGROUNDS.index(scene.background)
+    objects = [(COLOR_NAMES.index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)) for o in scene.objects]
+    if scene.relation is None:
+        layout = LAYOUTS.index(({1: "one", 2: "two", 3: "three"}[scene.count], scene.place))
+        code = digits((*objects[0][:2], objects[0][2], layout, bg), _SINGLE_RADIX)
+        valid = _single_valid_and_unseen(np.int64(code))[0]
+    else:
+        rel = RELATIONS.index(scene.relation)
+        code = digits((*objects[0], rel, *objects[1], bg), _RELATION_RADIX)
+        valid = _relation_valid_and_unseen(np.int64(code))[0]
+        code += N_SINGLE
+    if not bool(valid):
+        raise ValueError(f"no toy prompt describes {scene} (the grammar's rules exclude it)")
+    return int(code)
+
+
 # --------------------------------------------------------------------------- parsing
 _PLACE_OF = {phrase: cell for cell, phrase in PLACES.items()}
 
@@ -354,3 +379,64 @@ def _first_object(codes: np.ndarray) -> np.ndarray:
         c, s, *_ = _digits(codes[~single] - N_SINGLE, _RELATION_RADIX)
         color[~single], shape[~single] = c, s
     return color * len(SHAPES) + shape
+
+
+class ToyRephrased(PromptDataset):
+    """Held-out rewordings of a prompt set's two-object scenes: what a run learned on its prompts,
+    asked in words no train prompt uses.
+
+    Each relation prompt of ``of`` (the training set: ``of: ${dataset}``) gives ``per_prompt``
+    prompts with the same two objects (colour and shape), the same relation and both objects'
+    sizes named, on a named background: four modifiers, which puts every one of them in the
+    ``unseen`` split (no train prompt has more than three). ``swap``: the two objects trade places
+    in the sentence ("a green circle left of a red circle" for "a red circle left of a green
+    circle"), so the relation asks for the mirrored layout. Evaluated side by side (the same sizes
+    and backgrounds in both), the two sets tell a rule learned from the words (both gain) from a
+    layout learned per pair of objects (the reworded prompts gain, the swapped ones lose):
+    experiments/README.md, "What the demo learns". Which sizes and background a prompt gets is
+    fixed by the source prompt's code. Single-object prompts of ``of`` are skipped.
+    """
+
+    def __init__(self, of: PromptDataset, swap: bool = False, per_prompt: int = 8):
+        if not isinstance(of, PromptDataset):
+            raise ConfigError("dataset.of", f"is {type(of).__name__}, not a prompt set", "of: ${dataset}")
+        if per_prompt < 1:
+            raise ConfigError("dataset.per_prompt", f"must be at least 1, got {per_prompt}")
+        codes = getattr(of, "codes", None)
+        if codes is None:  # a prompt file of toy prompts
+            try:
+                codes = np.array([encode(parse(of[i].text)) for i in range(len(of))], dtype=np.int64)
+            except ValueError as exc:  # ParseError included
+                raise ConfigError("dataset.of", f"holds a prompt outside the toy grammar: {exc}") from None
+        sources = np.unique(codes[codes >= N_SINGLE])
+        if len(sources) == 0:
+            raise ConfigError(
+                "dataset.of",
+                f"{getattr(of, 'name', 'the prompt set')} has no two-object (relation) prompts to reword",
+                "train on relation prompts (dataset=toy_relations) or drop this set: ~dataset@eval_datasets.<its name>",
+            )
+        self.codes = np.concatenate([self._variants(int(c), swap, per_prompt) for c in sources])
+        self.name = f"toy_{'swapped' if swap else 'rephrased'}_{getattr(of, 'name', 'prompts')}"
+
+    @staticmethod
+    def _variants(code: int, swap: bool, n: int) -> np.ndarray:
+        """Up to ``n`` codes: the source's objects with both sizes named and a background, the objects
+        keeping their sizes when ``swap`` trades their places in the sentence."""
+        source = decode(code)
+        a, b = source.objects
+        named = ("small", "large")
+        bgs = [bg for bg in BACKGROUNDS if bg is not None and bg not in (a.color, b.color)]
+        choices = [(za, zb, bg) for za in named for zb in named for bg in bgs]
+        codes = []
+        for i in sorted(np.random.default_rng(code).permutation(len(choices))[:n]):
+            za, zb, bg = choices[i]
+            pair = (ObjectSpec(a.color, a.shape, za), ObjectSpec(b.color, b.shape, zb))
+            codes.append(encode(Scene(pair[::-1] if swap else pair, relation=source.relation, background=bg)))
+        return np.array(codes, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, index: int) -> Prompt:
+        scene = decode(self.codes[index])
+        return Prompt(scene.text(), scene.metadata())
