@@ -198,7 +198,8 @@ def summarise(groups: dict[str, list[Run]], images: dict[str, float], baseline: 
         diff = {}
         for s in sets:
             key = f"eval/{s}/reward/mean"
-            d = [series(rows, key)[-1] - series(base[seed], key)[-1] for seed, rows in runs if seed in base]
+            pairs = [(series(rows, key), series(base.get(seed, []), key)) for seed, rows in runs]
+            d = [mine[-1] - theirs[-1] for mine, theirs in pairs if mine and theirs]  # a set both evaluated
             diff[s] = {**_ci(d), "per_seed": d}
         out["differences"][label] = diff
     return out
