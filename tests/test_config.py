@@ -203,7 +203,12 @@ BAD_INPUTS = [
     (["eval_datasets=toy_small"], ["eval_datasets: is the plain value 'toy_small'", "@eval_datasets.unseen="], 2),
     (["eval_datasets.unseen=toy_small"], ["eval_datasets.unseen: is the plain value", "@eval_datasets.unseen="], 2),
     (["dataset=simple_animals"], ["dataset: reward=toy_alignment cannot read the prompt", "toy_small"], 2),
-    (["dataset.template=single"], ["eval_datasets.rephrased.of: toy_train_single_8 has no two-object", "~dataset@"], 2),
+    (
+        ["dataset.template=single"],
+        ["eval_datasets.rephrased.of: toy_train_single_8 has no two-object", "~dataset@eval_datasets.swapped"],
+        2,
+    ),
+    (["eval_datasets.swapped.per_prompt=40"], ["eval_datasets.swapped.per_prompt: must be at most 36"], 2),
     (["dataset=toy_rephrased"], ["dataset: rlft.toy.ToyRephrased rewords the training prompts", "=toy_rephrased"], 2),
     (
         ["eval_rewards=toy_color"],

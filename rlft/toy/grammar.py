@@ -73,6 +73,9 @@ RELATIONS = ("left of", "right of", "above", "below")
 BACKGROUNDS = (None, *NEUTRALS, *COLOR_NAMES)  # None: not named, drawn white
 DEFAULT_BACKGROUND = "white"
 HELD_OUT = frozenset({("red", "triangle"), ("green", "cross"), ("blue", "circle"), ("yellow", "square")})
+# rewordings of one two-object scene (ToyRephrased): small/large x small/large x the 9 named backgrounds
+# that differ from both objects' colours
+REWORDINGS = 2 * 2 * (len(BACKGROUNDS) - 1 - 2)
 
 
 @dataclass(frozen=True)
@@ -237,17 +240,22 @@ def encode(scene: Scene) -> int:
             code = code * base + value
         return code
 
-    bg = BACKGROUNDS.index(scene.background)
-    objects = [(COLOR_NAMES.index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)) for o in scene.objects]
-    if scene.relation is None:
-        layout = LAYOUTS.index(({1: "one", 2: "two", 3: "three"}[scene.count], scene.place))
-        code = digits((*objects[0][:2], objects[0][2], layout, bg), _SINGLE_RADIX)
-        valid = _single_valid_and_unseen(np.int64(code))[0]
-    else:
-        rel = RELATIONS.index(scene.relation)
-        code = digits((*objects[0], rel, *objects[1], bg), _RELATION_RADIX)
-        valid = _relation_valid_and_unseen(np.int64(code))[0]
-        code += N_SINGLE
+    relation = scene.relation is not None
+    layout = ({1: "one", 2: "two", 3: "three"}.get(scene.count), scene.place)
+    try:
+        if len(scene.objects) != 1 + relation or (relation and (scene.count != 1 or scene.place is not None)):
+            raise ValueError("one object (a count or a place) or two objects and a relation")
+        bg = BACKGROUNDS.index(scene.background)
+        objects = [(COLOR_NAMES.index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)) for o in scene.objects]
+        if relation:
+            code = digits((*objects[0], RELATIONS.index(scene.relation), *objects[1], bg), _RELATION_RADIX)
+            valid = _relation_valid_and_unseen(np.int64(code))[0]
+            code += N_SINGLE
+        else:
+            code = digits((*objects[0], LAYOUTS.index(layout), bg), _SINGLE_RADIX)
+            valid = _single_valid_and_unseen(np.int64(code))[0]
+    except ValueError as exc:  # an unknown colour, shape, size, relation, background or layout
+        raise ValueError(f"no toy prompt describes {scene} ({exc})") from None
     if not bool(valid):
         raise ValueError(f"no toy prompt describes {scene} (the grammar's rules exclude it)")
     return int(code)
@@ -402,19 +410,33 @@ class ToyRephrased(PromptDataset):
             raise ConfigError("dataset.of", f"is {type(of).__name__}, not a prompt set", "of: ${dataset}")
         if per_prompt < 1:
             raise ConfigError("dataset.per_prompt", f"must be at least 1, got {per_prompt}")
-        codes = getattr(of, "codes", None)
-        if codes is None:  # a prompt file of toy prompts
+        if per_prompt > REWORDINGS:
+            raise ConfigError(
+                "dataset.per_prompt",
+                f"must be at most {REWORDINGS} (2 x 2 sizes x 9 backgrounds a pair can have), got {per_prompt}",
+            )
+        if isinstance(of, (ToyPrompts, ToyRephrased)):
+            codes = of.codes
+        else:  # a prompt file of toy prompts
             try:
                 codes = np.array([encode(parse(of[i].text)) for i in range(len(of))], dtype=np.int64)
             except ValueError as exc:  # ParseError included
-                raise ConfigError("dataset.of", f"holds a prompt outside the toy grammar: {exc}") from None
+                raise ConfigError(
+                    "dataset.of", f"the training prompts hold one outside the toy grammar: {exc}"
+                ) from None
         sources = np.unique(codes[codes >= N_SINGLE])
         if len(sources) == 0:
             raise ConfigError(
                 "dataset.of",
                 f"{getattr(of, 'name', 'the prompt set')} has no two-object (relation) prompts to reword",
-                "train on relation prompts (dataset=toy_relations) or drop this set: ~dataset@eval_datasets.<its name>",
+                "train on relation prompts (dataset=toy_relations), or evaluate without the rewordings: "
+                "~dataset@eval_datasets.rephrased ~dataset@eval_datasets.swapped",
             )
+        # rewordings depend on the objects and the relation only: one source per (A, relation, B), the
+        # first in code order (a large set has at most 3,584 of them; the 8 of the demo are 8)
+        ca, sa, _, rel, cb, sb, _, _ = _digits(sources - N_SINGLE, _RELATION_RADIX)
+        _, first = np.unique(np.stack([ca, sa, rel, cb, sb], axis=1), axis=0, return_index=True)
+        sources = sources[np.sort(first)]
         self.codes = np.concatenate([self._variants(int(c), swap, per_prompt) for c in sources])
         self.name = f"toy_{'swapped' if swap else 'rephrased'}_{getattr(of, 'name', 'prompts')}"
 
@@ -424,7 +446,7 @@ class ToyRephrased(PromptDataset):
         keeping their sizes when ``swap`` trades their places in the sentence."""
         source = decode(code)
         a, b = source.objects
-        named = ("small", "large")
+        named = ("small", "large")  # both sizes named (4 modifiers with the relation and a background)
         bgs = [bg for bg in BACKGROUNDS if bg is not None and bg not in (a.color, b.color)]
         choices = [(za, zb, bg) for za in named for zb in named for bg in bgs]
         codes = []
