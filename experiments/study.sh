@@ -20,7 +20,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # for every method): 48 epochs of 8 prompts x 4 images (1,536 sampled images), only the first 3 of the
 # 10 DDIM steps noisy and trained, evaluated at epochs 0, 16, 32, 48 on the training prompts (eval/seen;
 # at large scale 128 stratified train prompts) and 128 stratified held-out relation prompts
-# (eval/unseen), x 4 fixed seeds each; toy_color is the held-out reward (conf/held_out/)
+# (eval/unseen), x 4 fixed seeds each, and (both methods' toy_relations recipes) 8 held-out rewordings of each
+# training prompt in the same and the other order (eval/rephrased, eval/swapped); toy_color is the held-out reward
 ALIGN=(model=toy reward=toy_alignment dataset=toy_relations sampler.stochastic_window=[0,3] trainer.epochs=48
   trainer.eval_every=16 trainer.checkpoint_every=16 trainer.eval_images_per_prompt=4 trainer.progress_bar=false)
 # PXPO's colour experiment (experiments/pxpo_color.yaml: toy_color, toy_small's 32 prompts, every

@@ -362,8 +362,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(  # toy_rephrased / toy_swapped: rewordings of the training prompts, not a training set
             "dataset",
             f"{dataset._target_} rewords the training prompts (of: ${{dataset}}): for evaluation, not training",
-            "train on dataset=toy_relations, whose PRDP recipe evaluates rephrased and swapped; with another training "
-            "set add them as +dataset@eval_datasets.rephrased=toy_rephrased",
+            "train on dataset=toy_relations, whose PRDP and DDPO recipes evaluate rephrased and swapped; with another "
+            "training set add them as +dataset@eval_datasets.rephrased=toy_rephrased",
         )
     for group in COMPONENT_GROUPS:
         validate_component(group, cfg.get(group))

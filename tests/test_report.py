@@ -71,9 +71,11 @@ def test_multirun_over_three_algorithms_and_the_report(cache_dir, tmp_path):
         assert diff["per_seed"] == pytest.approx(d, abs=1e-12) and diff["n"] == 2
         assert diff["mean"] == pytest.approx(sum(d) / 2) and diff["ci95"] == pytest.approx(t * abs(d[0] - d[1]) / 2)
     assert "## Paired differences to `algorithm=ddpo`" in table
-    # PRDP's toy recipe adds the rewording sets, which DDPO does not evaluate: no pair, no difference
+    # DDPO's and PRDP's toy recipes add the rewording sets, which PXPO does not evaluate: no pair, no difference
     assert summary["groups"]["algorithm=prdp"]["rephrased/last"]["n"] == 2
-    unpaired = summary["differences"]["algorithm=prdp"]["rephrased"]
+    assert summary["differences"]["algorithm=prdp"]["rephrased"]["n"] == 2
+    assert summary["groups"]["algorithm=pxpo"]["rephrased/last"]["n"] == 0
+    unpaired = summary["differences"]["algorithm=pxpo"]["rephrased"]
     assert unpaired["n"] == 0 and unpaired["per_seed"] == [] and unpaired["mean"] is None  # NaN in JSON
 
 
