@@ -233,13 +233,6 @@ def decode(code: int) -> Scene:
 
 def encode(scene: Scene) -> int:
     """The prompt code of a scene (inverse of :func:`decode`); ValueError for a scene no prompt describes."""
-
-    def digits(values: tuple[int, ...], radix: tuple[int, ...]) -> int:
-        code = 0
-        for value, base in zip(values, radix):
-            code = code * base + value
-        return code
-
     relation = scene.relation is not None
     layout = ({1: "one", 2: "two", 3: "three"}.get(scene.count), scene.place)
     try:
@@ -248,11 +241,13 @@ def encode(scene: Scene) -> int:
         bg = BACKGROUNDS.index(scene.background)
         objects = [(COLOR_NAMES.index(o.color), SHAPES.index(o.shape), SIZES.index(o.size)) for o in scene.objects]
         if relation:
-            code = digits((*objects[0], RELATIONS.index(scene.relation), *objects[1], bg), _RELATION_RADIX)
+            code = int(
+                np.ravel_multi_index((*objects[0], RELATIONS.index(scene.relation), *objects[1], bg), _RELATION_RADIX)
+            )
             valid = _relation_valid_and_unseen(np.int64(code))[0]
             code += N_SINGLE
         else:
-            code = digits((*objects[0], LAYOUTS.index(layout), bg), _SINGLE_RADIX)
+            code = int(np.ravel_multi_index((*objects[0], LAYOUTS.index(layout), bg), _SINGLE_RADIX))
             valid = _single_valid_and_unseen(np.int64(code))[0]
     except ValueError as exc:  # an unknown colour, shape, size, relation, background or layout
         raise ValueError(f"no toy prompt describes {scene} ({exc})") from None
@@ -313,7 +308,20 @@ def parse(text: str) -> Scene:
 
 
 # --------------------------------------------------------------------------- as a prompt dataset
-class ToyPrompts(PromptDataset):
+class CodedPrompts(PromptDataset):
+    """Toy prompts held as their codes (``self.codes``), each decoded on demand."""
+
+    codes: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, index: int) -> Prompt:
+        scene = decode(self.codes[index])
+        return Prompt(scene.text(), scene.metadata())
+
+
+class ToyPrompts(CodedPrompts):
     """The prompts of one split, decoded on demand (O(1) per prompt, nothing stored but the codes).
 
     ``limit``: keep that many prompts, half single-object and half two-object, spread
@@ -347,13 +355,6 @@ class ToyPrompts(PromptDataset):
         self.codes = codes
         kind = "" if template is None else f"_{template}"
         self.name = f"toy_{split}{kind}" if limit is None else f"toy_{split}{kind}_{limit}"
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def __getitem__(self, index: int) -> Prompt:
-        scene = decode(self.codes[index])
-        return Prompt(scene.text(), scene.metadata())
 
     def evaluation_prompts(self, n: int) -> list[Prompt]:
         """``n`` fixed prompts, stratified: half single-object and half relation prompts, each half dealt
@@ -389,7 +390,7 @@ def _first_object(codes: np.ndarray) -> np.ndarray:
     return color * len(SHAPES) + shape
 
 
-class ToyRephrased(PromptDataset):
+class ToyRephrased(CodedPrompts):
     """Held-out rewordings of a prompt set's two-object scenes: what a run learned on its prompts,
     asked in words no train prompt uses.
 
@@ -415,7 +416,7 @@ class ToyRephrased(PromptDataset):
                 "dataset.per_prompt",
                 f"must be at most {REWORDINGS} (2 x 2 sizes x 9 backgrounds a pair can have), got {per_prompt}",
             )
-        if isinstance(of, (ToyPrompts, ToyRephrased)):
+        if isinstance(of, CodedPrompts):
             codes = of.codes
         else:  # a prompt file of toy prompts
             try:
@@ -455,10 +456,3 @@ class ToyRephrased(PromptDataset):
             pair = (ObjectSpec(a.color, a.shape, za), ObjectSpec(b.color, b.shape, zb))
             codes.append(encode(Scene(pair[::-1] if swap else pair, relation=source.relation, background=bg)))
         return np.array(codes, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.codes)
-
-    def __getitem__(self, index: int) -> Prompt:
-        scene = decode(self.codes[index])
-        return Prompt(scene.text(), scene.metadata())
